@@ -48,6 +48,6 @@ if [ "$kind" = core ]; then
 else
   "$venv/bin/pip" install -q --no-deps "$here" >&2
   PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q --upgrade-strategy only-if-needed "$here[$extras]" \
-    --constraint <("$venv/bin/pip" freeze | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy)==') >&2
+    --constraint <("$venv/bin/pip" freeze | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy|triton)==') >&2
 fi
 echo "$venv"

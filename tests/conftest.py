@@ -1,0 +1,34 @@
+"""Shared fixtures. Tiny checkpoints are made by the project's own code; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+# The Triton interpreter must be chosen before anything imports triton (ENGINE_NOTES: Triton on CPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+INPUT_MODES = ("binary", "affine", "learned")
+
+
+def require(module: str):
+    """Import an engine module; in the engine's own CI run (FMBC_REQUIRE_ENGINE=1) a missing engine fails
+    the run instead of skipping it."""
+    if os.environ.get("FMBC_REQUIRE_ENGINE") == "1":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One float32 `tiny` checkpoint per input mode: {"binary": dir, "affine": dir, "learned": dir}."""
+    from fmbc_serve.checkpoint import init_checkpoint, make_config
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        mode: str(init_checkpoint(make_config("tiny", input_mode=mode), root / mode, seed=0))
+        for mode in INPUT_MODES
+    }
