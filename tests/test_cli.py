@@ -1,0 +1,74 @@
+"""The `fmbc` console script, run as users run it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+FMBC = str(Path(sys.executable).parent / "fmbc")
+
+
+def fmbc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([FMBC, *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def parameter_count(inspect_output: str, part: str) -> int:
+    return int(re.search(rf"{part}\s+([\d,]+)", inspect_output).group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_paper_has_no_input_parameters_and_exactly_v_times_d_fewer(tmp_path: Path) -> None:
+    counts = {}
+    for preset in ("paper", "paper-learned"):
+        fmbc("init", "--preset", preset, "--out", str(tmp_path / preset), "--dtype", "bfloat16")
+        out = fmbc("inspect", str(tmp_path / preset)).stdout
+        assert "tensors             ok" in out
+        counts[preset] = (parameter_count(out, "input-embedding"), parameter_count(out, "total"))
+    assert counts["paper"][0] == 0
+    assert counts["paper-learned"][0] == 65536 * 1024
+    assert counts["paper-learned"][1] - counts["paper"][1] == 67_108_864
+
+
+def test_init_inspect_generate_tiny(tmp_path: Path) -> None:
+    out_dir = tmp_path / "tiny"
+    fmbc("init", "--preset", "tiny", "--out", str(out_dir), "--seed", "3")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "modeling_fmbc.py",
+            "configuration_fmbc.py", "binary_code.py"} <= {p.name for p in out_dir.iterdir()}
+    report = fmbc("inspect", str(out_dir)).stdout
+    assert "input_mode          binary" in report and "K = 9 bits" in report
+    first = fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
+    again = fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
+    assert first == again and first.startswith("Hello") and len(first.rstrip("\n")) > len("Hello")
+
+
+def test_inspect_names_missing_extra_and_misshaped_tensors(tmp_path: Path) -> None:
+    out_dir = tmp_path / "broken"
+    fmbc("init", "--preset", "tiny", "--out", str(out_dir))
+    weights = load_file(out_dir / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:64]
+    weights["model.embed_tokens.weight"] = weights["lm_head.weight"].clone()
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    result = fmbc("inspect", str(out_dir), check=False)
+    assert result.returncode == 1
+    assert "missing tensor model.layers.1.mlp.up_proj.weight (expected shape [512, 128])" in result.stderr
+    assert "unexpected tensor model.embed_tokens.weight" in result.stderr
+    assert "tensor model.layers.0.self_attn.q_proj.weight has shape [64, 128], expected [128, 128]" in result.stderr
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    result = fmbc("inspect", str(tmp_path / "nowhere"), check=False)
+    assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
+    result = fmbc("init", "--preset", "huge", "--out", str(tmp_path / "x"), check=False)
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+    fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
+    result = fmbc("generate", str(tmp_path / "t"), "Hi", "--max-new-tokens", "300", check=False)
+    assert result.returncode == 2 and "exceeds the context length 256" in result.stderr

@@ -1,0 +1,129 @@
+"""The reference model: zero input parameters, KV-cache generation, batching, and loading without fmbc_serve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fmbc_serve import FMBCForCausalLM
+from fmbc_serve.checkpoint import make_config
+
+PROMPTS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116], [7]]
+
+
+def load(path: str) -> FMBCForCausalLM:
+    return FMBCForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def greedy_without_cache(model: FMBCForCausalLM, ids: list[int], steps: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat([x, model(x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return x[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("mode", ["binary", "affine", "learned"])
+def test_kv_cache_generation_equals_full_reforward(tiny_checkpoints: dict[str, str], mode: str) -> None:
+    model = load(tiny_checkpoints[mode])
+    for ids in PROMPTS:
+        with torch.no_grad():
+            cached = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        assert cached[0, len(ids):].tolist() == greedy_without_cache(model, ids, 24)
+
+
+@pytest.mark.parametrize("mode", ["binary", "learned"])
+def test_left_padded_batch_matches_single_prompts(tiny_checkpoints: dict[str, str], mode: str) -> None:
+    model = load(tiny_checkpoints[mode])
+    pad = model.config.pad_token_id
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad)
+        for row, prompt in enumerate(PROMPTS):
+            single = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+            assert batch[row, width:].tolist() == single[0, len(prompt):].tolist()
+
+
+def test_fixed_modes_have_no_input_parameters() -> None:
+    fixed = FMBCForCausalLM(make_config("tiny"))
+    learned = FMBCForCausalLM(make_config("tiny-learned"))
+    assert sum(p.numel() for p in fixed.model.embed_tokens.parameters()) == 0
+    assert sum(p.numel() for p in fixed.parameters()) + 512 * 128 == sum(p.numel() for p in learned.parameters())
+    assert not any("embed_tokens" in name for name in fixed.state_dict())
+
+
+def test_input_is_the_binary_code(tiny_checkpoints: dict[str, str]) -> None:
+    model = load(tiny_checkpoints["affine"])
+    ids = torch.arange(512)
+    assert torch.equal(model.model.embed(ids), model.config.binary_code().embed(ids))
+
+
+@pytest.mark.parametrize("mode", ["binary", "learned"])
+@pytest.mark.parametrize("bad", [512, -1])
+def test_out_of_range_ids_raise(tiny_checkpoints: dict[str, str], mode: str, bad: int) -> None:
+    model = load(tiny_checkpoints[mode])
+    with pytest.raises(ValueError, match="512"):
+        model(torch.tensor([[1, bad]]))
+
+
+def test_over_long_input_raises(tiny_checkpoints: dict[str, str]) -> None:
+    model = load(tiny_checkpoints["binary"])
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_loads_through_installed_package_without_remote_code(tiny_checkpoints: dict[str, str]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["binary"])
+    assert type(model) is FMBCForCausalLM
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+
+    class BlockFmbcServe(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "fmbc_serve" or name.startswith("fmbc_serve."):
+                raise ImportError("fmbc_serve is blocked in this interpreter")
+
+    sys.meta_path.insert(0, BlockFmbcServe())
+    try:
+        import fmbc_serve  # noqa: F401
+        raise SystemExit("fmbc_serve should not be importable here")
+    except ImportError:
+        pass
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = sys.argv[1]
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    print(json.dumps({"module": type(model).__module__, "vocab": len(tokenizer), "ids": ids[0].tolist(),
+                      "logits": logits.tolist()}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["binary", "affine", "learned"])
+def test_folder_loads_with_remote_code_where_fmbc_serve_is_absent(tiny_checkpoints: dict[str, str],
+                                                                 mode: str, tmp_path) -> None:
+    path = tiny_checkpoints[mode]
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, path], capture_output=True, text=True,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules.")
+    assert remote["vocab"] == 512
+    with torch.no_grad():
+        local = load(path)(torch.tensor([remote["ids"]])).logits[0]
+    assert torch.equal(torch.tensor(remote["logits"]), local)
