@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 BIT_ORDERS = ("lsb", "msb")
 CODE_VALUES = ("zero_one", "sign")
@@ -145,18 +146,28 @@ class BinaryCode:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range [0, {self.vocab_size})")
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The code as three small int64 tensors for `embed_code`: bit shifts [K], the bit of c' each width
+        position holds [d], and A as a 0/1 matrix [K, K] (None without an affine map). Engines keep them as
+        buffers on their device, so the hot path is pure tensor maths (traceable, CUDA-graph safe)."""
+        matrix = None if self.affine_rows is None else _bit_matrix(list(self.affine_rows), self.num_bits)
+        return torch.arange(self.num_bits, dtype=torch.int64), self.width_bits(), matrix
+
     def recode(self, ids: torch.Tensor) -> torch.Tensor:
         """c' = A·c ⊕ b as integers (the identity without an affine map)."""
         if self.affine_rows is None:
             return ids.long()
-        return _apply_affine(ids.long(), list(self.affine_rows), self.affine_bias, self.num_bits)
+        shifts = torch.arange(self.num_bits, device=ids.device)
+        return affine_recode(ids.long(), shifts, _bit_matrix(list(self.affine_rows), self.num_bits).to(ids.device),
+                             self.affine_bias)
 
     def unrecode(self, codes: torch.Tensor) -> torch.Tensor:
         """The inverse of `recode`: c = A⁻¹·(c' ⊕ b)."""
         if self.affine_rows is None:
             return codes.long()
-        inverse = gf2_inverse(list(self.affine_rows), self.num_bits)
-        return _apply_affine(codes.long() ^ self.affine_bias, inverse, 0, self.num_bits)
+        inverse = _bit_matrix(gf2_inverse(list(self.affine_rows), self.num_bits), self.num_bits)
+        shifts = torch.arange(self.num_bits, device=codes.device)
+        return affine_recode(codes.long() ^ self.affine_bias, shifts, inverse.to(codes.device), 0)
 
     def code_positions(self) -> torch.Tensor:
         """For each code position i, which bit of c' it holds: shape [K]."""
@@ -189,8 +200,13 @@ class BinaryCode:
         return (spread.to(torch.float32) * (high - low) + low).to(dtype)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
-        """Token ids [...] -> model input [..., d]: what replaces the embedding table lookup."""
-        return self.lift(self.encode(ids, check=check), dtype)
+        """Token ids [...] -> model input [..., d]: what replaces the embedding table lookup.
+
+        Equal to `lift(encode(ids))` (tested), computed in one step from `tables()`."""
+        if check:
+            self.check_ids(ids)
+        shifts, width_bits, matrix = (None if t is None else t.to(ids.device) for t in self.tables())
+        return embed_code(ids, shifts, width_bits, matrix, self.affine_bias, self.low_value, self.high_value, dtype)
 
     def decode(self, lifted: torch.Tensor) -> torch.Tensor:
         """The exact inverse of `embed`: model input [..., d] -> token ids [...].
@@ -218,10 +234,44 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _apply_affine(x: torch.Tensor, rows: list[int], bias: int, num_bits: int) -> torch.Tensor:
-    """y_i = parity(rows[i] & x) ⊕ bias_i for integer tensors x, as integers."""
-    matrix = _bit_matrix(rows, num_bits).to(x.device)  # [K(out), K(in)]
-    shifts = torch.arange(num_bits, device=x.device)
-    bits_in = (x.unsqueeze(-1) >> shifts) & 1  # [..., K(in)]
+def affine_recode(ids: torch.Tensor, shifts: torch.Tensor, matrix: torch.Tensor, bias: int) -> torch.Tensor:
+    """c'_i = parity(A_i & c) ⊕ b_i for int64 ids, with A as a 0/1 matrix [K, K] and shifts = arange(K)."""
+    bits_in = (ids.unsqueeze(-1) >> shifts) & 1  # [..., K(in)]
     bits_out = (bits_in.unsqueeze(-2) & matrix).sum(-1) & 1  # [..., K(out)]
     return (bits_out << shifts).sum(-1) ^ bias
+
+
+def embed_code(
+    ids: torch.Tensor,
+    shifts: torch.Tensor,
+    width_bits: torch.Tensor,
+    matrix: torch.Tensor | None,
+    bias: int,
+    low: float,
+    high: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The lifted code from `BinaryCode.tables()`: the one implementation of the forward maths, shared by the
+    reference model and the engine classes. Does no range check (callers validate ids first)."""
+    codes = ids.long() if matrix is None else affine_recode(ids.long(), shifts, matrix, bias)
+    bits = (codes.unsqueeze(-1) >> width_bits) & 1  # [..., d]
+    return (bits.to(torch.float32) * (high - low) + low).to(dtype)
+
+
+class FixedCodeInput(nn.Module):
+    """Token ids -> lifted code: the module that replaces the V×d embedding table. It has no parameters; the
+    code's small tables are non-persistent buffers, so they follow the model's device and never reach a
+    checkpoint. Used by the reference model and by the engine classes."""
+
+    def __init__(self, code: BinaryCode) -> None:
+        super().__init__()
+        self.code = code
+        shifts, width_bits, matrix = code.tables()
+        self.register_buffer("shifts", shifts, persistent=False)
+        self.register_buffer("width_bits", width_bits, persistent=False)
+        self.register_buffer("affine_matrix", matrix, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """No range check here (it would force a device sync): callers validate ids at their boundary."""
+        return embed_code(input_ids, self.shifts, self.width_bits, self.affine_matrix, self.code.affine_bias,
+                          self.code.low_value, self.code.high_value, dtype)

@@ -17,7 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .binary_code import BinaryCode
+from .binary_code import FixedCodeInput
 from .configuration_fmbc import FMBCConfig
 
 
@@ -26,17 +26,6 @@ def make_norm(config: FMBCConfig) -> nn.Module:
     if config.norm_type == "layernorm":
         return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
     return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-
-
-class FMBCInputCode(nn.Module):
-    """Token ids -> fixed binary code lifted to model width. Has no parameters: it replaces the V×d table."""
-
-    def __init__(self, code: BinaryCode) -> None:
-        super().__init__()
-        self.code = code
-
-    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.code.embed(input_ids, dtype)
 
 
 class FMBCRotaryEmbedding(nn.Module):
@@ -138,6 +127,10 @@ class FMBCPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+        elif isinstance(module, FixedCodeInput):  # buffers are rebuilt from the config after meta-device init
+            for name, table in zip(("shifts", "width_bits", "affine_matrix"), module.code.tables(), strict=True):
+                if table is not None:
+                    getattr(module, name).copy_(table)
         elif isinstance(module, FMBCRotaryEmbedding):
             dim = self.config.rotary_dim
             module.inv_freq.copy_(1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2).float() / dim)))
@@ -151,7 +144,7 @@ class FMBCModel(FMBCPreTrainedModel):
         if config.input_mode == "learned":
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         else:
-            self.embed_tokens = FMBCInputCode(config.binary_code())
+            self.embed_tokens = FixedCodeInput(config.binary_code())
         self.layers = nn.ModuleList(FMBCDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.rotary_emb = FMBCRotaryEmbedding(config)
@@ -162,7 +155,8 @@ class FMBCModel(FMBCPreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The model input for `input_ids`; out-of-range ids raise instead of aliasing."""
-        if isinstance(self.embed_tokens, FMBCInputCode):
+        if isinstance(self.embed_tokens, FixedCodeInput):
+            self.embed_tokens.code.check_ids(input_ids)
             return self.embed_tokens(input_ids, self.norm.weight.dtype)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")

@@ -42,6 +42,7 @@ def test_round_trip_all_paper_ids(order: str, values: str, layout: str, affine_s
     ids = torch.arange(PAPER_V)
     lifted = code.embed(ids)
     assert lifted.shape == (PAPER_V, 64)
+    assert torch.equal(lifted, code.lift(code.encode(ids)))  # the one-step engine maths = the definition
     assert torch.equal(code.decode(lifted), ids)
 
 
