@@ -128,7 +128,7 @@ def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int,
         raise FileNotFoundError(f"no *.safetensors file in {checkpoint_dir}")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 shapes[name] = tuple(sl.get_shape())
                 dtypes[name] = sl.get_dtype()

@@ -3,6 +3,7 @@
     fmbc init --preset tiny --out DIR [--seed N] [--dtype float32|bfloat16|float16] [--input-mode MODE]
     fmbc inspect DIR
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
+    fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
 """
 
 from __future__ import annotations
@@ -94,9 +95,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .parity import DEFAULT_PROMPTS, run_parity
+
+    tokenizer = AutoTokenizer.from_pretrained(args.dir)
+    texts = args.prompt or list(DEFAULT_PROMPTS)
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    rows = run_parity(args.dir, args.engine, prompts, args.max_new_tokens)
+    print(f"{'prompt':<40} {'tokens':>6} {'greedy':>8} {'max|Δlogprob| decode':>21} {'prefill':>10}")
+    for text, row in zip(texts, rows, strict=True):
+        label = text.replace("\n", "\\n")[:38]
+        greedy = "equal" if row.agree else f"differs@{row.first_divergence}"
+        print(f"{label:<40} {row.prompt_tokens:>6} {greedy:>8} {row.max_decode_delta:>21.3e} "
+              f"{row.max_prefill_delta:>10.3e}")
+    worst = max(row.max_delta for row in rows)
+    ok = all(row.agree for row in rows) and worst <= args.tolerance
+    print(f"{args.engine}: greedy tokens {'all equal' if all(r.agree for r in rows) else 'DIFFER'}, "
+          f"max |Δlogprob| {worst:.3e} (tolerance {args.tolerance:g}): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
+    from .parity import DEFAULT_TOLERANCE
 
     parser = argparse.ArgumentParser(prog="fmbc", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("parity", help="check that an engine computes the same model as the reference")
+    p.add_argument("dir")
+    p.add_argument("--engine", required=True, choices=["vllm", "sglang"])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="largest accepted |Δlogprob| (float32 checkpoints; default %(default)g)")
+    p.add_argument("--prompt", action="append", help="a prompt text (repeatable; default: a built-in set)")
+    p.set_defaults(func=cmd_parity)
     return parser
 
 

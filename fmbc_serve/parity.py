@@ -1,0 +1,126 @@
+"""Engine parity: does an engine compute the same model as the reference?
+
+Runs token-id prompts greedily through the transformers reference (float32) and through an engine, then compares
+greedy tokens and the log-probabilities of the tokens each side saw: decode steps up to the first divergence,
+and the prompt tokens (prefill). `fmbc parity DIR --engine vllm|sglang` is the user-facing command.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_PROMPTS = (
+    "Question: What is the capital of France?\nAnswer:",
+    "In the beginning",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def fibonacci(n):\n    ",
+    "A",
+)
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class Completion:
+    """One greedy completion: the generated ids, their logprobs, and logprobs of prompt tokens 1..n-1."""
+
+    tokens: list[int]
+    token_logprobs: list[float]
+    prompt_logprobs: list[float]
+
+
+@dataclass
+class PromptParity:
+    prompt_tokens: int
+    agree: bool
+    first_divergence: int | None
+    max_decode_delta: float
+    max_prefill_delta: float
+
+    @property
+    def max_delta(self) -> float:
+        return max(self.max_decode_delta, self.max_prefill_delta)
+
+
+def reference_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> list[Completion]:
+    """Greedy decoding with the transformers reference in float32, one prompt at a time (no padding)."""
+    from .modeling_fmbc import FMBCForCausalLM
+
+    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+            full = out[0]
+            logprobs = torch.log_softmax(model(full.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
+            picked = logprobs[:-1].gather(-1, full[1:].unsqueeze(-1)).squeeze(-1).tolist()
+            n = len(prompt)
+            results.append(Completion(full[n:].tolist(), picked[n - 1:], picked[:n - 1]))
+    return results
+
+
+def vllm_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int,
+                **engine_args) -> list[Completion]:
+    """Greedy decoding through vLLM's offline `LLM` in float32 (single process, eager, unless overridden)."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.distributed import cleanup_dist_env_and_memory
+    from vllm.inputs import TokensPrompt
+
+    args = dict(model=checkpoint, dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+                seed=0, max_num_seqs=8)
+    args.update(engine_args)
+    llm = LLM(**args)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=max_new_tokens,
+                                ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            sample = out.outputs[0]
+            token_logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids,
+                                                                            strict=True)]
+            prompt_logprobs = [step[token].logprob
+                               for step, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)]
+            results.append(Completion(list(sample.token_ids), token_logprobs, prompt_logprobs))
+        return results
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def compare(reference: Completion, engine: Completion, prompt_tokens: int) -> PromptParity:
+    """Tokens must agree; logprobs are compared up to and including the first divergent step."""
+    divergence = next((i for i, (a, b) in enumerate(zip(reference.tokens, engine.tokens, strict=False)) if a != b),
+                      None)
+    steps = len(reference.tokens) if divergence is None else divergence + 1
+    decode = [abs(a - b) for a, b in zip(reference.token_logprobs[:steps], engine.token_logprobs[:steps],
+                                         strict=False)]
+    prefill = [abs(a - b) for a, b in zip(reference.prompt_logprobs, engine.prompt_logprobs, strict=True)]
+    agree = divergence is None and len(reference.tokens) == len(engine.tokens)
+    return PromptParity(prompt_tokens, agree, divergence, max(decode, default=0.0), max(prefill, default=0.0))
+
+
+def engine_runner(engine: str) -> Callable[[str, list[list[int]], int], list[Completion]]:
+    if engine == "vllm":
+        return vllm_greedy
+    if engine == "sglang":
+        from .sglang_runner import sglang_greedy
+
+        return lambda checkpoint, prompts, steps: [Completion(*r) for r in sglang_greedy(checkpoint, prompts, steps)]
+    raise ValueError(f"unknown engine {engine!r}; choose vllm or sglang")
+
+
+def run_parity(checkpoint: str, engine: str, prompts: list[list[int]], max_new_tokens: int) -> list[PromptParity]:
+    """Reference vs engine on every prompt."""
+    engine_results = engine_runner(engine)(checkpoint, prompts, max_new_tokens)
+    reference_results = reference_greedy(checkpoint, prompts, max_new_tokens)
+    return [compare(ref, eng, len(prompt))
+            for ref, eng, prompt in zip(reference_results, engine_results, prompts, strict=True)]
