@@ -49,16 +49,25 @@ class CodeTables(NamedTuple):
     affine_rows: torch.Tensor  # [K] row bitmasks of A, or [0] without an affine map
 
 
-@functools.lru_cache(maxsize=64)
 def code_tables(code: BinaryCode, device: torch.device) -> CodeTables:
-    """Cached per (code, device) so an eager launch copies nothing host-to-device; make one eager call before
-    CUDA graph capture. (torch.compile traces through the cache: static shapes keep that graph-safe.)"""
+    """Cached per (code, device) in eager mode, so a launch copies nothing host-to-device (make one eager
+    call before CUDA graph capture). torch.compile traces the build instead: static shapes keep it
+    graph-safe and the tables become constants of the graph."""
+    if torch.compiler.is_compiling():
+        return _build_code_tables(code, device)
+    return _cached_code_tables(code, device)
+
+
+def _build_code_tables(code: BinaryCode, device: torch.device) -> CodeTables:
     width_bits = code.width_bits()
     return CodeTables(
         width_bits=width_bits.to(device=device, dtype=torch.int32),
         bit_counts=(width_bits == torch.arange(code.num_bits).unsqueeze(1)).sum(1).to(device, torch.int32),
         affine_rows=torch.tensor(code.affine_rows or (), dtype=torch.int32, device=device),
     )
+
+
+_cached_code_tables = functools.lru_cache(maxsize=64)(_build_code_tables)
 
 
 def _check_inputs(ids: torch.Tensor, code: BinaryCode, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
