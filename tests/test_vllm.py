@@ -196,7 +196,7 @@ def test_chat_uses_the_shipped_template(server, client) -> None:
     ({"prompt": [1, -1]}, 400, ""),
     ({"prompt": [1, 2**40]}, 400, ""),
     ({"prompt": "x" * 300}, 400, "maximum context length"),
-    ({"prompt": "Hi", "max_tokens": 1000}, 400, "maximum context length"),
+    ({"prompt": "Hi", "max_tokens": 1000}, 400, "cannot be greater than max_model_len=256"),
     ({"prompt": "Hi", "n": 100000}, 400, "n must be at most"),
     ({"prompt": "Hi", "model": "no-such-model"}, 404, "does not exist"),
 ])
