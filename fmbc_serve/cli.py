@@ -4,6 +4,8 @@
     fmbc inspect DIR
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
+    fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
+    fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [-- ENGINE FLAGS...]
 """
 
 from __future__ import annotations
@@ -117,6 +119,24 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    record = train(args)
+    print(f"wrote {args.out}: step {record['step']}, held-out loss {record['held_out_loss']} "
+          f"(perplexity {record['held_out_perplexity']})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    try:
+        return serve(args)
+    except RuntimeError as err:
+        raise CommandError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
@@ -154,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted |Δlogprob| (float32 checkpoints; default %(default)g)")
     p.add_argument("--prompt", action="append", help="a prompt text (repeatable; default: a built-in set)")
     p.set_defaults(func=cmd_parity)
+
+    from .train import add_arguments
+
+    p = sub.add_parser("train", help="train an FMBC checkpoint (or its learned twin) on a text file")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    from .serve import add_arguments as add_serve_arguments
+
+    p = sub.add_parser("serve", help="start vLLM's or SGLang's OpenAI server for a checkpoint (default: embedded)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -54,12 +54,33 @@ def build_char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(char_vocab(vocab_size), unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
+    tokenizer = _wrap(core)
+    if len(tokenizer) != vocab_size:
+        raise AssertionError(f"tokenizer has {len(tokenizer)} entries, expected {vocab_size}")
+    return tokenizer
+
+
+def train_bpe_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of exactly `vocab_size` entries trained on `text` (deterministic), with the four special
+    tokens at ids 0-3 and the chat template: the tokenizer of models trained by `fmbc train`."""
+    from tokenizers import trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    if core.get_vocab_size() != vocab_size:
+        raise ValueError(f"the text yields only {core.get_vocab_size()} BPE entries, fewer than {vocab_size}")
+    return _wrap(core)
+
+
+def _wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
     pad, bos, eos, unk = SPECIAL_TOKENS
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
-        clean_up_tokenization_spaces=False,
+        clean_up_tokenization_spaces=False, model_max_length=1 << 30,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    if len(tokenizer) != vocab_size:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} entries, expected {vocab_size}")
     return tokenizer
