@@ -1,0 +1,63 @@
+"""Offline greedy generation with SGLang, for parity checks against the reference model (`fmbc parity`).
+
+Runs `sglang.Engine` in this process tree with the flags that work on a CPU-only machine (see docs/sglang.md)
+or SGLang's defaults on CUDA. Call it from a script under an `if __name__ == "__main__":` guard: the engine
+spawns its scheduler processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Flags that run SGLang 0.5.23 from PyPI on a machine without a GPU (its own CPU engine needs a kernel
+# library that PyPI does not ship). float32 keeps logprobs comparable with the float32 reference.
+CPU_ENGINE_ARGS: dict[str, object] = {
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "disable_overlap_schedule": True,
+    "cuda_graph_backend_decode": "disabled",
+    "cuda_graph_backend_prefill": "disabled",
+    "dtype": "float32",
+    "skip_server_warmup": True,
+}
+
+
+def engine_args(checkpoint_dir: str | Path, kv_tokens: int) -> dict[str, object]:
+    """sglang.Engine keyword arguments for the checkpoint: on a machine without CUDA, the CPU flags and a KV
+    cache of `kv_tokens` (SGLang would otherwise take most of the RAM for it, which takes long to allocate)."""
+    import torch
+
+    args: dict[str, object] = {"model_path": str(checkpoint_dir)}
+    if not torch.cuda.is_available():
+        args.update(CPU_ENGINE_ARGS, max_total_tokens=max(4096, kv_tokens))
+    return args
+
+
+def sglang_greedy(
+    checkpoint_dir: str | Path, prompts: list[list[int]], max_new_tokens: int
+) -> list[tuple[list[int], list[float], list[float]]]:
+    """Greedy-decode each token-id prompt with SGLang.
+
+    Returns, per prompt: the generated token ids, their logprobs, and the logprobs SGLang assigns to the
+    prompt's own tokens at positions 1.. (position 0 has no prediction). `ignore_eos` keeps every output
+    exactly `max_new_tokens` long, so the comparison with a reference does not depend on stop tokens."""
+    import sglang
+
+    kv_tokens = sum(len(p) + max_new_tokens for p in prompts)
+    engine = sglang.Engine(**engine_args(checkpoint_dir, kv_tokens), log_level="error")
+    try:
+        outputs = engine.generate(
+            input_ids=[list(p) for p in prompts],
+            sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+            return_logprob=True,
+            logprob_start_len=0,
+        )
+    finally:
+        engine.shutdown()
+    results = []
+    for out in outputs:
+        meta = out["meta_info"]
+        generated = [(token_id, logprob) for logprob, token_id, _ in meta["output_token_logprobs"]]
+        prompt_logprobs = [logprob for logprob, _, _ in meta["input_token_logprobs"][1:]]
+        results.append(([t for t, _ in generated], [lp for _, lp in generated], prompt_logprobs))
+    return results

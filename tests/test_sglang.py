@@ -1,0 +1,245 @@
+"""SGLang integration: registration (entry point and SGLANG_EXTERNAL_MODEL_PACKAGE), fp32 parity with the
+reference model for every input mode, the OpenAI-compatible server, and request validation.
+
+One real server (plain `python -m sglang.launch_server`, registered by the entry point) serves the binary
+checkpoint; one offline-engine subprocess, registered only by SGLANG_EXTERNAL_MODEL_PACKAGE (the plugin is
+switched off with SGLANG_PLUGINS), checks the affine and learned checkpoints through `sglang_greedy`.
+Run with `pytest -s` to see the measured parity figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+import torch
+from conftest import require
+from servers import free_port, running_server
+
+pytestmark = pytest.mark.sglang
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [511, 0, 257]]
+MAX_NEW_TOKENS = 16
+TOLERANCE = 1e-4
+# The CPU flags of docs/sglang.md; --max-total-tokens keeps the KV cache small (SGLang would take most of the RAM).
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
+             "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+             "--dtype", "float32", "--skip-server-warmup", "--max-total-tokens", "4096"]
+# Only SGLANG_EXTERNAL_MODEL_PACKAGE registers the model here: the entry point is filtered out by name.
+ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": "fmbc_serve.sglang_models", "SGLANG_PLUGINS": "none"}
+
+
+def reference_greedy(checkpoint_dir: str, prompt: list[int], max_new_tokens: int):
+    """Greedy decoding with the HF reference model in float32 (KV cache, like generate()): output ids, their
+    logprobs, and the prompt's logprobs at positions 1.."""
+    from fmbc_serve import FMBCForCausalLM
+
+    model = FMBCForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        logprobs = torch.log_softmax(out.logits[0].float(), -1)
+        prompt_logprobs = logprobs[:-1].gather(-1, torch.tensor(prompt[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+        tokens, token_logprobs, cache, last = [], [], out.past_key_values, logprobs[-1]
+        for _ in range(max_new_tokens):
+            token = int(last.argmax())
+            tokens.append(token)
+            token_logprobs.append(float(last[token]))
+            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache, last = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
+    return tokens, token_logprobs, prompt_logprobs
+
+
+def max_abs_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def assert_parity(mode: str, checkpoint_dir: str, results) -> None:
+    """Tokens equal the reference's; max |Δlogprob| within TOLERANCE on prefill and decode (printed)."""
+    prefill_delta = decode_delta = 0.0
+    for prompt, (tokens, token_logprobs, prompt_logprobs) in zip(PROMPTS, results, strict=True):
+        ref_tokens, ref_token_logprobs, ref_prompt_logprobs = reference_greedy(checkpoint_dir, prompt, MAX_NEW_TOKENS)
+        assert tokens == ref_tokens, f"{mode}: greedy tokens differ for prompt {prompt[:5]}..."
+        assert len(prompt_logprobs) == len(ref_prompt_logprobs) == len(prompt) - 1
+        prefill_delta = max(prefill_delta, max_abs_diff(prompt_logprobs, ref_prompt_logprobs))
+        decode_delta = max(decode_delta, max_abs_diff(token_logprobs, ref_token_logprobs))
+    print(f"\nSGLang parity [{mode}]: tokens equal; max |Δlogprob| prefill {prefill_delta:.2e}, "
+          f"decode {decode_delta:.2e}")
+    assert prefill_delta <= TOLERANCE and decode_delta <= TOLERANCE
+
+
+def test_registry_scan_strict(tmp_path):
+    """SGLang's own scan of our package, strict (an import error fails instead of being logged), finds the
+    class; with the env var alone (entry point switched off) it is in ModelRegistry."""
+    require("sglang")
+    script = ("from sglang.srt.models.registry import ModelRegistry, import_model_classes\n"
+              "found = import_model_classes('fmbc_serve.sglang_models', strict=True)\n"
+              "print(sorted(found), 'FMBCForCausalLM' in ModelRegistry.models)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, **ENV_VAR_REGISTRATION}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "['FMBCForCausalLM'] True"
+
+
+def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
+    """Affine and learned checkpoints through sglang_greedy (the offline Engine), registered only by
+    SGLANG_EXTERNAL_MODEL_PACKAGE."""
+    require("sglang")
+    script = ("import json, sys\n"
+              "from fmbc_serve.sglang_runner import sglang_greedy\n"
+              "if __name__ == '__main__':\n"
+              "    dirs, prompts, n = json.loads(sys.argv[1])\n"
+              "    print('RESULT', json.dumps([sglang_greedy(d, prompts, n) for d in dirs]))\n")
+    (tmp_path / "run.py").write_text(script)
+    modes = ["affine", "learned"]
+    arg = json.dumps([[tiny_checkpoints[m] for m in modes], PROMPTS, MAX_NEW_TOKENS])
+    result = subprocess.run([sys.executable, "run.py", arg], capture_output=True, text=True, timeout=400,
+                            env={**os.environ, **ENV_VAR_REGISTRATION}, cwd=tmp_path)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-5000:]
+    for mode, results in zip(modes, json.loads(lines[-1][len("RESULT "):]), strict=True):
+        assert_parity(mode, tiny_checkpoints[mode], results)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    """The binary checkpoint behind the exact seed command plus the CPU flags; no env var: the entry point
+    registers the model and the request validation."""
+    require("sglang")
+    port = free_port()
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_checkpoints["binary"],
+               "--host", "127.0.0.1", "--port", str(port), *CPU_FLAGS]
+    log = tmp_path_factory.mktemp("sglang") / "server.log"
+    with pytest.MonkeyPatch.context() as env:
+        for name in ENV_VAR_REGISTRATION:
+            env.delenv(name, raising=False)
+        with running_server(command, port, log, health_path="/health", timeout=400) as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused")
+
+
+def test_server_parity_binary(server, tiny_checkpoints):
+    """Binary checkpoint through the real server's /generate, prompt and output logprobs included."""
+    body = {"input_ids": PROMPTS, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}}
+    response = requests.post(server + "/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    results = []
+    for out in response.json():
+        meta = out["meta_info"]
+        results.append(([t for _, t, _ in meta["output_token_logprobs"]],
+                         [lp for lp, _, _ in meta["output_token_logprobs"]],
+                         [lp for lp, _, _ in meta["input_token_logprobs"][1:]]))
+    assert_parity("binary", tiny_checkpoints["binary"], results)
+
+
+def test_openai_completions(client, tiny_checkpoints):
+    model = client.models.list().data[0].id
+    assert model == tiny_checkpoints["binary"]
+    greedy = {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0,
+              "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(**greedy)
+    text = plain.choices[0].text
+    assert plain.usage.completion_tokens == 8 and plain.usage.prompt_tokens == len("Hello")
+
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**greedy, stream=True)
+                       if chunk.choices)
+    assert streamed == text
+
+    with_logprobs = client.completions.create(**greedy, logprobs=2).choices[0].logprobs
+    assert len(with_logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in with_logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in with_logprobs.top_logprobs)
+
+    stop = next(ch for ch in text[1:] if ch.strip())
+    stopped = client.completions.create(**greedy, stop=[stop]).choices[0]
+    assert stopped.text == text[: text.index(stop)] and stopped.finish_reason == "stop"
+
+    sampled = client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=4, n=3, temperature=1.0)
+    assert len(sampled.choices) == 3 and sorted(c.index for c in sampled.choices) == [0, 1, 2]
+
+
+def test_openai_chat_uses_chat_template(client, tiny_checkpoints):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    expected = AutoTokenizer.from_pretrained(tiny_checkpoints["binary"]).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages, max_tokens=4,
+                                           temperature=0.0)
+    assert reply.usage.prompt_tokens == len(expected)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 4
+
+
+def curl(url: str, body: str) -> tuple[int, str]:
+    """POST `body` with curl; (HTTP status, response body)."""
+    result = subprocess.run(["curl", "-sS", "-X", "POST", url, "-H", "Content-Type: application/json",
+                             "--data-binary", body, "-w", "\n%{http_code}"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    text, _, status = result.stdout.rpartition("\n")
+    return int(status), text
+
+
+def test_curl_completion(server):
+    status, text = curl(server + "/v1/completions", json.dumps({"prompt": "Hello", "max_tokens": 3}))
+    assert status == 200 and len(json.loads(text)["choices"]) == 1
+
+
+BAD_REQUESTS = {
+    "id = V": ({"prompt": [1, 2, 512], "max_tokens": 2}, "token id 512 is out of vocabulary"),
+    "id = -1": ({"prompt": [1, -1], "max_tokens": 2}, "token id -1 is out of vocabulary"),
+    "id = 2**40": ({"prompt": [2**40], "max_tokens": 2}, f"token id {2**40} is out of vocabulary"),
+    "bad id in a batch": ({"prompt": [[1, 2], [3, 600]], "max_tokens": 2}, "token id 600 is out of vocabulary"),
+    "prompt longer than context": ({"prompt": [7] * 300, "max_tokens": 2}, "longer than the model's context length"),
+    "max_tokens beyond context": ({"prompt": [1, 2], "max_tokens": 5000}, "maximum context length"),
+    "huge n": ({"prompt": [1, 2], "max_tokens": 2, "n": 100000}, "n must be at most 64"),
+    "huge n, streaming": ({"prompt": [1, 2], "max_tokens": 2, "n": 100000, "stream": True}, "n must be at most 64"),
+    "malformed JSON": ('{"prompt": [1, 2', "JSON decode error"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_rejected_and_server_stays_healthy(server, case):
+    body, message = BAD_REQUESTS[case]
+    status, text = curl(server + "/v1/completions", body if isinstance(body, str) else json.dumps(body))
+    assert 400 <= status < 500, (status, text)
+    assert message in text, text
+    status, text = curl(server + "/v1/completions", json.dumps({"prompt": [1, 2, 3], "max_tokens": 2}))
+    assert status == 200, text
+
+
+def test_native_generate_rejects_bad_ids(server):
+    """The native /generate endpoint goes through the same validation."""
+    bad = requests.post(server + "/generate", json={"input_ids": [1, 512], "sampling_params": {"max_new_tokens": 2}},
+                        timeout=60)
+    assert bad.status_code == 400 and "out of vocabulary" in bad.text
+    huge_n = requests.post(server + "/generate", timeout=60,
+                           json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "n": 100000}})
+    assert huge_n.status_code == 400 and "FMBC_MAX_N" in huge_n.text
+
+
+def test_load_weights_names_bad_tensors():
+    """load_weights reports every missing, unexpected and mis-shaped tensor by name (checked before any
+    parameter is touched, so no engine is needed here)."""
+    require("sglang")
+    from types import SimpleNamespace
+
+    from fmbc_serve.checkpoint import make_config
+    from fmbc_serve.sglang_models.fmbc import FMBCForCausalLM
+
+    config = make_config("tiny")
+    weights = [("lm_head.weight", torch.zeros(512, 64)), ("model.extra.weight", torch.zeros(2))]
+    fake = SimpleNamespace(config=config, named_parameters=lambda: [])
+    with pytest.raises(ValueError) as err:
+        FMBCForCausalLM.load_weights(fake, weights)
+    message = str(err.value)
+    assert "missing tensor model.layers.1.mlp.up_proj.weight" in message
+    assert "unexpected tensor model.extra.weight" in message
+    assert "tensor lm_head.weight has shape [512, 64], expected [512, 128]" in message
