@@ -22,10 +22,6 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 SERVED_NAME = "fmbc"
-# SGLang without its CPU kernel library: the combination verified to serve on CPU (docs/sglang.md).
-SGLANG_CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
-                    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
-                    "--dtype", "float32", "--skip-server-warmup"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +60,9 @@ def engine_command(engine: str, model: str, host: str, port: int, served_name: s
         command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
                    "--served-model-name", served_name, "--host", host, "--port", str(port)]
         if not cuda:
-            command += SGLANG_CPU_FLAGS
+            from .sglang_runner import cpu_server_flags
+
+            command += cpu_server_flags()
     return command + extra, env
 
 

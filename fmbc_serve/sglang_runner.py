@@ -22,6 +22,15 @@ CPU_ENGINE_ARGS: dict[str, object] = {
 }
 
 
+def cpu_server_flags(kv_tokens: int = 4096) -> list[str]:
+    """The same CPU settings as `launch_server` flags (used by `fmbc serve`, the tests and the docs)."""
+    flags: list[str] = []
+    for key, value in {**CPU_ENGINE_ARGS, "max_total_tokens": kv_tokens}.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
 def engine_args(checkpoint_dir: str | Path, kv_tokens: int) -> dict[str, object]:
     """sglang.Engine keyword arguments for the checkpoint: on a machine without CUDA, the CPU flags and a KV
     cache of `kv_tokens` (SGLang would otherwise take most of the RAM for it, which takes long to allocate)."""

@@ -20,15 +20,15 @@ import torch
 from conftest import require
 from servers import free_port, running_server
 
+from fmbc_serve.sglang_runner import cpu_server_flags
+
 pytestmark = pytest.mark.sglang
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [511, 0, 257]]
 MAX_NEW_TOKENS = 16
 TOLERANCE = 1e-4
 # The CPU flags of docs/sglang.md; --max-total-tokens keeps the KV cache small (SGLang would take most of the RAM).
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
-             "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
-             "--dtype", "float32", "--skip-server-warmup", "--max-total-tokens", "4096"]
+CPU_FLAGS = cpu_server_flags(4096)
 # Only SGLANG_EXTERNAL_MODEL_PACKAGE registers the model here: the entry point is filtered out by name.
 ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": "fmbc_serve.sglang_models", "SGLANG_PLUGINS": "none"}
 
