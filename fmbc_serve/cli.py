@@ -5,7 +5,7 @@
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
-    fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [-- ENGINE FLAGS...]
+    fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [ENGINE FLAGS...]
 """
 
 from __future__ import annotations
@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args.engine_args = unknown  # flags for the engine's own server
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

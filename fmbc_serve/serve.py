@@ -2,8 +2,9 @@
 
 A thin front over the engines' own servers, not a server of its own: it picks vLLM or SGLang (whichever is
 installed, vLLM first, or `--engine`), adds the flags the machine needs (the CPU flags from docs/ on a machine
-without CUDA), serves the embedded default model unless given a folder, passes any further flags through to the
-engine, and once `/health` answers prints the URL and a ready-to-paste curl. It exits with the engine.
+without CUDA), serves the embedded default model unless given a folder, passes every flag it does not know
+itself through to the engine unchanged, and once `/health` answers prints the URL and a ready-to-paste curl.
+It exits with the engine.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--served-model-name", default=SERVED_NAME, help="the `model` name clients send")
-    p.add_argument("engine_args", nargs=argparse.REMAINDER,
-                   help="after `--`: flags passed to the engine unchanged")
 
 
 def pick_engine(choice: str) -> str:
@@ -73,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a checkpoint folder (no config.json)")
     engine = pick_engine(args.engine)
-    extra = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
+    extra = [arg for arg in args.engine_args if arg != "--"]
     command, env = engine_command(engine, str(model), args.host, args.port, args.served_model_name,
                                   torch.cuda.is_available(), extra)
     print(f"fmbc serve: starting {engine}: {shlex.join(command)}", flush=True)

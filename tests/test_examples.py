@@ -1,0 +1,87 @@
+"""Every example in examples/ runs against the real engines on CPU, and `fmbc serve` serves the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from servers import free_port, running_server
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+ENGLISH = re.compile(r"\b(the|and|of|unto|shall|his|he|they|that|them)\b")
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run(command: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=EXAMPLES,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def fmbc_serve(tmp_path_factory):
+    """`fmbc serve` with no model argument: the embedded default model, through vLLM on this CPU."""
+    from conftest import require
+
+    require("vllm")
+    port = free_port()
+    log = tmp_path_factory.mktemp("fmbc-serve") / "serve.log"
+    with running_server([bin_path("fmbc"), "serve", "--port", str(port)], port, log) as base_url:
+        yield base_url, log
+
+
+@pytest.mark.vllm
+def test_fmbc_serve_answers_the_seed_curl_with_english(fmbc_serve) -> None:
+    base_url, log = fmbc_serve
+    assert "is ready after" in log.read_text() and "curl http://127.0.0.1" in log.read_text()
+    reply = json.loads(run(["bash", "curl.sh"], env={"BASE_URL": base_url}))
+    text = reply["choices"][0]["text"]
+    assert reply["model"] == "fmbc" and len(ENGLISH.findall(text)) >= 3, text
+
+
+@pytest.mark.vllm
+def test_openai_sdk_example(fmbc_serve) -> None:
+    base_url, _ = fmbc_serve
+    out = run([sys.executable, "openai_sdk.py", "--base-url", base_url + "/v1"])
+    completion = re.search(r"^completion: (.*)$", out, re.M).group(1)
+    assert ENGLISH.search(completion) and "stream:" in out and out.count("logprobs:") == 5
+
+
+@pytest.mark.vllm
+def test_score_prompt_example_prefers_the_real_verse(fmbc_serve) -> None:
+    base_url, _ = fmbc_serve
+    out = run([sys.executable, "score_prompt.py", "--base-url", base_url + "/v1"])
+    real, shuffled = (float(line.split()[0]) for line in out.strip().splitlines())
+    assert real > shuffled
+
+
+@pytest.mark.vllm
+def test_lm_eval_example(fmbc_serve) -> None:
+    base_url, _ = fmbc_serve
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    out = run(["bash", "lm_eval_local.sh"], env={"BASE_URL": base_url, "PATH": path})
+    accuracy = float(re.search(r"\|kjv_cloze\|.*?\|acc\s*\|[^|]*\|\s*([\d.]+)\|", out).group(1))
+    assert accuracy >= 0.5, out[-1500:]  # 6 three-way items: chance is 1/3
+
+
+@pytest.mark.vllm
+def test_vllm_offline_example() -> None:
+    out = run([sys.executable, "vllm_offline.py"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    lines = [line for line in out.splitlines() if " -> " in line]
+    assert len(lines) == 3 and all(ENGLISH.search(line.split(" -> ")[1]) for line in lines), out
+
+
+@pytest.mark.sglang
+def test_sglang_offline_example() -> None:
+    out = run([sys.executable, "sglang_offline.py"])
+    lines = [line for line in out.splitlines() if " -> " in line]
+    assert len(lines) == 3 and all(ENGLISH.search(line.split(" -> ")[1]) for line in lines), out
