@@ -1,11 +1,13 @@
 """Throughput benchmark: the same prompts through the reference and the engines (a script, not a test).
 
     python scripts/benchmark.py [--layers 4] [--prompts 16] [--max-new-tokens 64] [--out DIR]
+                                [--sglang-python PATH]
 
 (a) the reference: transformers `generate` on the checkpoint loaded the way published FMBC checkpoints are
     (AutoModelForCausalLM + trust_remote_code), batched with left padding;
 (b) vLLM serving the FMBC checkpoint (offline LLM engine, its default multi-process mode);
-(c) vLLM serving the learned-table twin: same shape, same seed, `input_mode=learned`.
+(c) vLLM serving the learned-table twin: same shape, same seed, `input_mode=learned`;
+(d), (e) the same two through SGLang's offline Engine, when --sglang-python names SGLang's environment.
 Each runs in its own subprocess, so peak memory (max RSS of the process and its children) is its own. Prints
 generated tokens/s, the ratios b/a and b/c, and peak memory. Run it in the vLLM environment
 (`bash scripts/venv.sh vllm`). All runs use float32 and greedy decoding with a fixed number of new tokens.
@@ -66,7 +68,24 @@ def run_vllm(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return {"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": seconds}
 
 
-RUNNERS = {"reference": run_reference, "vllm": run_vllm}
+def run_sglang(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    import sglang as sgl
+
+    from fmbc_serve.sglang_runner import engine_args
+
+    engine = sgl.Engine(**engine_args(checkpoint, kv_tokens=len(prompts) * (max(map(len, prompts)) + max_new_tokens)))
+    try:
+        params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        engine.generate(input_ids=prompts[:2], sampling_params={"max_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        outputs = engine.generate(input_ids=prompts, sampling_params=params)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+    return {"tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs), "seconds": seconds}
+
+
+RUNNERS = {"reference": run_reference, "vllm": run_vllm, "sglang": run_sglang}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -76,8 +95,8 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(run: str, checkpoint: str, args: argparse.Namespace, vocab_size: int) -> dict:
-    command = [sys.executable, __file__, "--run", run, "--checkpoint", checkpoint, "--prompts", str(args.prompts),
+def spawn(run: str, checkpoint: str, args: argparse.Namespace, vocab_size: int, python: str = sys.executable) -> dict:
+    command = [python, __file__, "--run", run, "--checkpoint", checkpoint, "--prompts", str(args.prompts),
                "--max-new-tokens", str(args.max_new_tokens), "--vocab-size", str(vocab_size)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -94,6 +113,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", help="folder for the two checkpoints (default: a temporary one)")
+    parser.add_argument("--sglang-python", help="python of an environment with SGLang: adds runs (d) and (e)")
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
@@ -117,13 +137,19 @@ def main() -> None:
         "(b) vLLM, FMBC": spawn("vllm", dirs["binary"], args, vocab),
         "(c) vLLM, learned-table twin": spawn("vllm", dirs["learned"], args, vocab),
     }
+    if args.sglang_python:
+        results["(d) SGLang, FMBC"] = spawn("sglang", dirs["binary"], args, vocab, args.sglang_python)
+        results["(e) SGLang, learned-table twin"] = spawn("sglang", dirs["learned"], args, vocab, args.sglang_python)
     print(f"{'run':<32} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
-    rates = []
+    rates = {}
     for name, r in results.items():
-        rates.append(r["tokens"] / r["seconds"])
-        print(f"{name:<32} {r['tokens']:>7} {r['seconds']:>8.2f} {rates[-1]:>9.1f} {r['peak_rss_mib']:>13.0f}")
-    print(f"b/a (vLLM vs reference):        {rates[1] / rates[0]:.2f}x")
-    print(f"b/c (FMBC vs learned twin):     {rates[1] / rates[2]:.2f}x")
+        rates[name[:3]] = r["tokens"] / r["seconds"]
+        print(f"{name:<32} {r['tokens']:>7} {r['seconds']:>8.2f} {rates[name[:3]]:>9.1f} {r['peak_rss_mib']:>13.0f}")
+    print(f"b/a (vLLM vs reference):        {rates['(b)'] / rates['(a)']:.2f}x")
+    print(f"b/c (vLLM, FMBC vs learned):    {rates['(b)'] / rates['(c)']:.2f}x")
+    if args.sglang_python:
+        print(f"d/a (SGLang vs reference):      {rates['(d)'] / rates['(a)']:.2f}x")
+        print(f"d/e (SGLang, FMBC vs learned):  {rates['(d)'] / rates['(e)']:.2f}x")
 
 
 if __name__ == "__main__":
