@@ -104,6 +104,16 @@ def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
         assert_parity(mode, tiny_checkpoints[mode], results)
 
 
+def test_fmbc_parity_command(tiny_checkpoints):
+    """The user-facing `fmbc parity DIR --engine sglang` (entry-point registration)."""
+    require("sglang")
+    fmbc = os.path.join(os.path.dirname(sys.executable), "fmbc")
+    result = subprocess.run([fmbc, "parity", tiny_checkpoints["binary"], "--engine", "sglang", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "sglang: greedy tokens all equal" in result.stdout and "PASS" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     """The binary checkpoint behind the exact seed command plus the CPU flags; no env var: the entry point
