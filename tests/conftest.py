@@ -32,3 +32,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
         mode: str(init_checkpoint(make_config("tiny", input_mode=mode), root / mode, seed=0))
         for mode in INPUT_MODES
     }
+
+
+def assert_parity_command_passes(checkpoint: str, engine: str) -> None:
+    """Run the user-facing `fmbc parity DIR --engine ENGINE` as users do and require a PASS."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fmbc = str(Path(sys.executable).parent / "fmbc")
+    result = subprocess.run([fmbc, "parity", checkpoint, "--engine", engine, "--max-new-tokens", "8"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert f"{engine}: greedy tokens all equal" in result.stdout and "PASS" in result.stdout

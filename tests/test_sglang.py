@@ -17,7 +17,7 @@ import sys
 import pytest
 import requests
 import torch
-from conftest import require
+from conftest import assert_parity_command_passes, require
 from servers import free_port, running_server
 
 from fmbc_serve.sglang_runner import cpu_server_flags
@@ -107,11 +107,7 @@ def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
 def test_fmbc_parity_command(tiny_checkpoints):
     """The user-facing `fmbc parity DIR --engine sglang` (entry-point registration)."""
     require("sglang")
-    fmbc = os.path.join(os.path.dirname(sys.executable), "fmbc")
-    result = subprocess.run([fmbc, "parity", tiny_checkpoints["binary"], "--engine", "sglang", "--max-new-tokens", "8"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "sglang: greedy tokens all equal" in result.stdout and "PASS" in result.stdout
+    assert_parity_command_passes(tiny_checkpoints["binary"], "sglang")
 
 
 @pytest.fixture(scope="module")

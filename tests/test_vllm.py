@@ -71,11 +71,9 @@ def test_load_errors_name_the_tensor(vllm, tiny_checkpoints: dict[str, str], tmp
 
 
 def test_fmbc_parity_command(vllm, tiny_checkpoints: dict[str, str]) -> None:
-    fmbc = str(Path(sys.executable).parent / "fmbc")
-    result = subprocess.run([fmbc, "parity", tiny_checkpoints["affine"], "--engine", "vllm", "--max-new-tokens", "8"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "vllm: greedy tokens all equal" in result.stdout and "PASS" in result.stdout
+    from conftest import assert_parity_command_passes
+
+    assert_parity_command_passes(tiny_checkpoints["affine"], "vllm")
 
 
 # ---------------------------------------------------------------- the OpenAI server, as users start it
