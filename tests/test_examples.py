@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def fmbc_serve(tmp_path_factory):
 @pytest.mark.vllm
 def test_fmbc_serve_answers_the_seed_curl_with_english(fmbc_serve) -> None:
     base_url, log = fmbc_serve
+    deadline = time.monotonic() + 60  # fmbc serve polls /health itself, so its message may trail ours
+    while "is ready after" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(1)
     assert "is ready after" in log.read_text() and "curl http://127.0.0.1" in log.read_text()
     reply = json.loads(run(["bash", "curl.sh"], env={"BASE_URL": base_url}))
     text = reply["choices"][0]["text"]
