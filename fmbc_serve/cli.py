@@ -24,25 +24,11 @@ class CommandError(Exception):
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .checkpoint import inspect_checkpoint, make_config, save_checkpoint
-    from .modeling_fmbc import FMBCForCausalLM
-    from .tokenizer import build_char_tokenizer
+    from .checkpoint import init_checkpoint, inspect_checkpoint, make_config
 
     overrides = {} if args.input_mode is None else {"input_mode": args.input_mode}
     config = make_config(args.preset, **overrides)
-    with tqdm(total=3, desc=f"fmbc init {args.preset}", unit="step") as bar:
-        bar.set_postfix_str("initialising weights")
-        torch.manual_seed(args.seed)
-        model = FMBCForCausalLM(config).to(DTYPES[args.dtype])
-        bar.update()
-        bar.set_postfix_str("building tokenizer")
-        tokenizer = build_char_tokenizer(config.vocab_size)
-        bar.update()
-        bar.set_postfix_str("writing")
-        save_checkpoint(model, tokenizer, args.out)
-        bar.update()
+    init_checkpoint(config, args.out, seed=args.seed, dtype=DTYPES[args.dtype], progress=True)
     report = inspect_checkpoint(args.out)
     print(f"wrote {args.out}: preset {args.preset}, input_mode {config.input_mode}, "
           f"{report.total_params:,} parameters ({report.input_params:,} input-embedding)")

@@ -55,7 +55,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 
 def batch_at(tokens: torch.Tensor, step: int, args: argparse.Namespace) -> torch.Tensor:
-    """The batch of `step`: random windows of context+1... drawn from a generator seeded by (seed, step)."""
+    """The batch of `step`: random windows of `context` tokens from a generator seeded by (seed, step)."""
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - args.context - 1, (args.batch_size,), generator=gen)
     return torch.stack([tokens[s:s + args.context] for s in starts.tolist()])
