@@ -31,6 +31,7 @@ from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.checkpoint import check_tensors, expected_tensors
 from fmbc_serve.configuration_fmbc import FMBCConfig
 from fmbc_serve.kernel_dispatch import fused_input_norm
+from fmbc_serve.modeling_fmbc import make_norm  # plain torch norms, exactly as the reference builds them
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ logger = logging.getLogger(__name__)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # Canonical (checkpoint) projection name -> (fused parameter name, shard id).
 _STACKED = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"))
-
-
-def make_norm(config: FMBCConfig) -> nn.Module:
-    """LayerNorm (weight and bias) or RMSNorm (weight), exactly as the reference model builds them."""
-    if config.norm_type == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
 class NeoxRotaryFallback(nn.Module):
