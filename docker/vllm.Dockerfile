@@ -25,7 +25,7 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps 
     && rm -rf /opt/fmbc-serve/build /opt/fmbc-serve/*.egg-info \
     && python3 -c "from importlib.metadata import distribution; d = distribution('fmbc-serve'); \
 files = {str(p) for p in d.files}; groups = {e.group for e in d.entry_points}; \
-assert 'fmbc_serve/sglang_models/__init__.py' in files, 'fmbc_serve.sglang_models is not installed'; \
+assert 'fmbc_serve/engines/sglang/models/fmbc.py' in files, 'fmbc_serve.engines.sglang.models is not installed'; \
 assert {'sglang.srt.plugins', 'vllm.general_plugins'} <= groups, groups"
 
 EXPOSE 30000

@@ -8,8 +8,8 @@ import sys
 
 import sglang as sgl
 
+from fmbc_serve.engines.sglang.runner import engine_args
 from fmbc_serve.serve import DEFAULT_MODEL
-from fmbc_serve.sglang_runner import engine_args
 
 if __name__ == "__main__":  # SGLang spawns its scheduler process
     engine = sgl.Engine(**engine_args(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL, kv_tokens=4096))

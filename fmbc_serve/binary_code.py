@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,30 +31,51 @@ CODE_VALUES = ("zero_one", "sign")
 LIFT_LAYOUTS = ("repeat", "interleave")
 
 
+class CodeError(ValueError):
+    """An invalid code option. `field` names the BinaryCode field at fault, so a config can report the error
+    under its own field name without reading the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CodeTables(NamedTuple):
+    """A code as three small int64 tensors: the one format read by the torch path (`embed_code`) and the
+    Triton kernel. Engines keep them as buffers on their device, so the hot path is pure tensor maths
+    (traceable, CUDA-graph safe)."""
+
+    width_bits: torch.Tensor  # [d]: which bit of c' each width position holds
+    bit_counts: torch.Tensor  # [K]: how many width positions hold each bit (the kernel's closed-form statistics)
+    affine_rows: torch.Tensor  # [K]: A's rows as bitmasks, or [0] without an affine map
+
+
 def code_bits(vocab_size: int) -> int:
     """K = ceil(log2 V): the fewest bits that give every id in [0, V) its own code."""
     if not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+        raise CodeError("vocab_size", f"vocab_size must be an integer >= 2, got {vocab_size!r}")
     return (vocab_size - 1).bit_length()
 
 
 def gf2_inverse(rows: list[int], num_bits: int) -> list[int]:
     """Invert a K×K bit matrix over GF(2) by Gauss-Jordan elimination.
 
-    `rows[i]` is row i as a bitmask (bit j = column j). Raises ValueError if the matrix is singular.
+    `rows[i]` is row i as a bitmask (bit j = column j). Raises CodeError (field `affine_rows`) if the matrix
+    is malformed or singular.
     """
     if len(rows) != num_bits:
-        raise ValueError(f"affine matrix must have {num_bits} rows, got {len(rows)}")
+        raise CodeError("affine_rows", f"affine matrix must have {num_bits} rows, got {len(rows)}")
     full = (1 << num_bits) - 1
     for i, row in enumerate(rows):
         if not isinstance(row, int) or row < 0 or row > full:
-            raise ValueError(f"affine matrix row {i} must be an integer in [0, 2^{num_bits}), got {row!r}")
+            raise CodeError("affine_rows",
+                            f"affine matrix row {i} must be an integer in [0, 2^{num_bits}), got {row!r}")
     work = list(rows)
     inverse = [1 << i for i in range(num_bits)]
     for col in range(num_bits):
         pivot = next((r for r in range(col, num_bits) if (work[r] >> col) & 1), None)
         if pivot is None:
-            raise ValueError(f"affine matrix is singular over GF(2) (no pivot in column {col})")
+            raise CodeError("affine_rows", f"affine matrix is singular over GF(2) (no pivot in column {col})")
         work[col], work[pivot] = work[pivot], work[col]
         inverse[col], inverse[pivot] = inverse[pivot], inverse[col]
         for r in range(num_bits):
@@ -79,11 +101,6 @@ def random_affine(num_bits: int, seed: int) -> tuple[list[int], int]:
         return rows, rng.randrange(0, 1 << num_bits)
 
 
-def _bit_matrix(rows: list[int], num_bits: int) -> torch.Tensor:
-    """Row bitmasks as a dense K×K int64 0/1 matrix."""
-    return torch.tensor([[(row >> j) & 1 for j in range(num_bits)] for row in rows], dtype=torch.int64)
-
-
 @dataclass(frozen=True)
 class BinaryCode:
     """One concrete code: everything needed to go from token ids to the lifted input and back."""
@@ -99,27 +116,21 @@ class BinaryCode:
 
     def __post_init__(self) -> None:
         k = code_bits(self.vocab_size)
-        if self.bit_order not in BIT_ORDERS:
-            raise ValueError(f"bit_order must be one of {BIT_ORDERS}, got {self.bit_order!r}")
-        if self.values not in CODE_VALUES:
-            raise ValueError(f"values must be one of {CODE_VALUES}, got {self.values!r}")
-        if self.layout not in LIFT_LAYOUTS:
-            raise ValueError(f"layout must be one of {LIFT_LAYOUTS}, got {self.layout!r}")
-        if not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale!r}")
+        check_code_options(self.bit_order, self.values, self.scale, self.layout)
         if not isinstance(self.width, int) or self.width < k:
-            raise ValueError(f"width must be an integer >= K = {k} (every bit must reach the model), "
-                             f"got {self.width!r}")
+            raise CodeError("width", f"width must be an integer >= K = {k} (every bit must reach the model), "
+                                     f"got {self.width!r}")
         if self.layout == "interleave" and (k - 1) * _ceil_div(self.width, k) >= self.width:
-            raise ValueError(f"interleave layout of K = {k} bits into width {self.width} truncates away the last "
-                             f"bit (each bit repeated ceil(width/K) = {_ceil_div(self.width, k)} times); "
-                             "use layout='repeat' or another width")
+            raise CodeError("layout", f"interleave layout of K = {k} bits into width {self.width} truncates away "
+                                      f"the last bit (each bit repeated ceil(width/K) = {_ceil_div(self.width, k)} "
+                                      "times); use layout='repeat' or another width")
         if self.affine_rows is not None:
             gf2_inverse(list(self.affine_rows), k)  # validates shape, range and invertibility
             if not isinstance(self.affine_bias, int) or not 0 <= self.affine_bias < (1 << k):
-                raise ValueError(f"affine_bias must be an integer in [0, 2^{k}), got {self.affine_bias!r}")
+                raise CodeError("affine_bias", f"affine_bias must be an integer in [0, 2^{k}), "
+                                               f"got {self.affine_bias!r}")
         elif self.affine_bias:
-            raise ValueError("affine_bias is set but affine_rows is not")
+            raise CodeError("affine_bias", "affine_bias is set but affine_rows is not")
 
     @property
     def num_bits(self) -> int:
@@ -137,37 +148,29 @@ class BinaryCode:
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Raise ValueError if any id lies outside [0, V): such ids must never alias onto a real token."""
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() == 0:
-            return
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range [0, {self.vocab_size})")
+        check_token_ids(ids, self.vocab_size)
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The code as three small int64 tensors for `embed_code`: bit shifts [K], the bit of c' each width
-        position holds [d], and A as a 0/1 matrix [K, K] (None without an affine map). Engines keep them as
-        buffers on their device, so the hot path is pure tensor maths (traceable, CUDA-graph safe)."""
-        matrix = None if self.affine_rows is None else _bit_matrix(list(self.affine_rows), self.num_bits)
-        return torch.arange(self.num_bits, dtype=torch.int64), self.width_bits(), matrix
+    def tables(self) -> CodeTables:
+        """The code's tables (CPU, int64), for `embed_code` and the kernel."""
+        width_bits = self.width_bits()
+        return CodeTables(
+            width_bits=width_bits,
+            bit_counts=(width_bits == torch.arange(self.num_bits).unsqueeze(1)).sum(1),
+            affine_rows=torch.tensor(self.affine_rows or (), dtype=torch.int64),
+        )
 
     def recode(self, ids: torch.Tensor) -> torch.Tensor:
         """c' = A·c ⊕ b as integers (the identity without an affine map)."""
         if self.affine_rows is None:
             return ids.long()
-        shifts = torch.arange(self.num_bits, device=ids.device)
-        return affine_recode(ids.long(), shifts, _bit_matrix(list(self.affine_rows), self.num_bits).to(ids.device),
-                             self.affine_bias)
+        return affine_recode(ids.long(), torch.tensor(self.affine_rows, device=ids.device), self.affine_bias)
 
     def unrecode(self, codes: torch.Tensor) -> torch.Tensor:
         """The inverse of `recode`: c = A⁻¹·(c' ⊕ b)."""
         if self.affine_rows is None:
             return codes.long()
-        inverse = _bit_matrix(gf2_inverse(list(self.affine_rows), self.num_bits), self.num_bits)
-        shifts = torch.arange(self.num_bits, device=codes.device)
-        return affine_recode(codes.long() ^ self.affine_bias, shifts, inverse.to(codes.device), 0)
+        inverse = torch.tensor(gf2_inverse(list(self.affine_rows), self.num_bits), device=codes.device)
+        return affine_recode(codes.long() ^ self.affine_bias, inverse, 0)
 
     def code_positions(self) -> torch.Tensor:
         """For each code position i, which bit of c' it holds: shape [K]."""
@@ -205,8 +208,8 @@ class BinaryCode:
         Equal to `lift(encode(ids))` (tested), computed in one step from `tables()`."""
         if check:
             self.check_ids(ids)
-        shifts, width_bits, matrix = (None if t is None else t.to(ids.device) for t in self.tables())
-        return embed_code(ids, shifts, width_bits, matrix, self.affine_bias, self.low_value, self.high_value, dtype)
+        tables = CodeTables(*(t.to(ids.device) for t in self.tables()))
+        return embed_code(ids, tables, self.affine_bias, self.low_value, self.high_value, dtype)
 
     def decode(self, lifted: torch.Tensor) -> torch.Tensor:
         """The exact inverse of `embed`: model input [..., d] -> token ids [...].
@@ -230,48 +233,75 @@ class BinaryCode:
         return ids
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise (TypeError for a non-integer tensor, ValueError naming the id) unless every id lies in [0, V)."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size})")
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def affine_recode(ids: torch.Tensor, shifts: torch.Tensor, matrix: torch.Tensor, bias: int) -> torch.Tensor:
-    """c'_i = parity(A_i & c) ⊕ b_i for int64 ids, with A as a 0/1 matrix [K, K] and shifts = arange(K)."""
-    bits_in = (ids.unsqueeze(-1) >> shifts) & 1  # [..., K(in)]
-    bits_out = (bits_in.unsqueeze(-2) & matrix).sum(-1) & 1  # [..., K(out)]
-    return (bits_out << shifts).sum(-1) ^ bias
+def check_code_options(bit_order: str, values: str, scale: float, layout: str) -> None:
+    """The option checks of a code that do not depend on V or d (a learned-mode config checks these alone)."""
+    if bit_order not in BIT_ORDERS:
+        raise CodeError("bit_order", f"bit_order must be one of {BIT_ORDERS}, got {bit_order!r}")
+    if values not in CODE_VALUES:
+        raise CodeError("values", f"values must be one of {CODE_VALUES}, got {values!r}")
+    if layout not in LIFT_LAYOUTS:
+        raise CodeError("layout", f"layout must be one of {LIFT_LAYOUTS}, got {layout!r}")
+    if not scale > 0:
+        raise CodeError("scale", f"scale must be > 0, got {scale!r}")
 
 
-def embed_code(
-    ids: torch.Tensor,
-    shifts: torch.Tensor,
-    width_bits: torch.Tensor,
-    matrix: torch.Tensor | None,
-    bias: int,
-    low: float,
-    high: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The lifted code from `BinaryCode.tables()`: the one implementation of the forward maths, shared by the
-    reference model and the engine classes. Does no range check (callers validate ids first)."""
-    codes = ids.long() if matrix is None else affine_recode(ids.long(), shifts, matrix, bias)
-    bits = (codes.unsqueeze(-1) >> width_bits) & 1  # [..., d]
+def _parity(x: torch.Tensor) -> torch.Tensor:
+    """Parity of each non-negative int64 by xor-folding (the kernel does the same on int32)."""
+    for shift in (32, 16, 8, 4, 2, 1):
+        x = x ^ (x >> shift)
+    return x & 1
+
+
+def affine_recode(ids: torch.Tensor, affine_rows: torch.Tensor, bias: int) -> torch.Tensor:
+    """c'_i = parity(A_i & c) ⊕ b_i for int64 ids, with A's rows as bitmasks [K]."""
+    shifts = torch.arange(affine_rows.shape[0], device=ids.device)
+    return (_parity(ids.unsqueeze(-1) & affine_rows) << shifts).sum(-1) ^ bias
+
+
+def embed_code(ids: torch.Tensor, tables: CodeTables, bias: int, low: float, high: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The lifted code from `CodeTables`: the one implementation of the forward maths, shared by the reference
+    model and the engine classes. Does no range check (callers validate ids first)."""
+    codes = ids.long() if tables.affine_rows.numel() == 0 else affine_recode(ids.long(), tables.affine_rows, bias)
+    bits = (codes.unsqueeze(-1) >> tables.width_bits) & 1  # [..., d]
     return (bits.to(torch.float32) * (high - low) + low).to(dtype)
 
 
 class FixedCodeInput(nn.Module):
     """Token ids -> lifted code: the module that replaces the V×d embedding table. It has no parameters; the
-    code's small tables are non-persistent buffers, so they follow the model's device and never reach a
+    code's tables are non-persistent buffers, so they follow the model's device and never reach a
     checkpoint. Used by the reference model and by the engine classes."""
 
     def __init__(self, code: BinaryCode) -> None:
         super().__init__()
         self.code = code
-        shifts, width_bits, matrix = code.tables()
-        self.register_buffer("shifts", shifts, persistent=False)
-        self.register_buffer("width_bits", width_bits, persistent=False)
-        self.register_buffer("affine_matrix", matrix, persistent=False)
+        for name, table in code.tables()._asdict().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def reset_tables(self) -> None:
+        """Rebuild the buffers from the code (after a meta-device init left them empty)."""
+        for name, table in self.code.tables()._asdict().items():
+            getattr(self, name).copy_(table)
+
+    def tables(self) -> CodeTables:
+        return CodeTables(self.width_bits, self.bit_counts, self.affine_rows)
 
     def forward(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """No range check here (it would force a device sync): callers validate ids at their boundary."""
-        return embed_code(input_ids, self.shifts, self.width_bits, self.affine_matrix, self.code.affine_bias,
-                          self.code.low_value, self.code.high_value, dtype)
+        return embed_code(input_ids, self.tables(), self.code.affine_bias, self.code.low_value,
+                          self.code.high_value, dtype)

@@ -20,6 +20,7 @@ from .binary_code import code_bits, random_affine
 from .configuration_fmbc import FMBCConfig
 from .modeling_fmbc import FMBCForCausalLM
 from .tokenizer import build_char_tokenizer, special_token_ids
+from .weights import canonical_tensors, check_tensors
 
 SOURCE_FILES = ("binary_code.py", "configuration_fmbc.py", "modeling_fmbc.py")
 AUTO_MAP = {
@@ -115,23 +116,6 @@ class TensorReport:
         return self.input_params + self.block_params + self.head_params
 
 
-def expected_tensors(config: FMBCConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor name -> shape for a config (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        model = FMBCForCausalLM(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
-    """Missing, unexpected and mis-shaped tensors, each as a message that names the tensor."""
-    problems = [f"missing tensor {name} (expected shape {list(shape)})"
-                for name, shape in expected.items() if name not in found]
-    problems += [f"unexpected tensor {name} (shape {list(found[name])})" for name in found if name not in expected]
-    problems += [f"tensor {name} has shape {list(found[name])}, expected {list(shape)}"
-                 for name, shape in expected.items() if name in found and tuple(found[name]) != shape]
-    return problems
-
-
 def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor name -> shape and -> dtype from the safetensors headers, without loading any weights."""
     shapes, dtypes = {}, {}
@@ -150,7 +134,7 @@ def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int,
 def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
     """Check a checkpoint's tensors against its config and count parameters by part."""
     config = load_config(checkpoint_dir)
-    expected = expected_tensors(config)
+    expected = canonical_tensors(config)
     found, dtypes = read_tensor_shapes(checkpoint_dir)
     counts = {"input": 0, "blocks": 0, "head": 0}
     for name, shape in expected.items():

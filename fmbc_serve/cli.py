@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
+    from .engines import ENGINES
     from .parity import DEFAULT_TOLERANCE
 
     parser = argparse.ArgumentParser(prog="fmbc", description=__doc__.split("\n")[0])
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="check that an engine computes the same model as the reference")
     p.add_argument("dir")
-    p.add_argument("--engine", required=True, choices=["vllm", "sglang"])
+    p.add_argument("--engine", required=True, choices=ENGINES)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="largest accepted |Δlogprob| (float32 checkpoints; default %(default)g)")

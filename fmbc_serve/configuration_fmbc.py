@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .binary_code import BIT_ORDERS, CODE_VALUES, LIFT_LAYOUTS, BinaryCode, code_bits
+from .binary_code import BinaryCode, CodeError, check_code_options, code_bits
 
 INPUT_MODES = ("binary", "affine", "learned")
 NORM_TYPES = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+# BinaryCode field -> the config field it comes from (CodeError.field names the former).
+CODE_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "bit_order": "code_bit_order",
+               "values": "code_values", "scale": "code_scale", "layout": "code_layout",
+               "affine_rows": "affine_rows", "affine_bias": "affine_bias"}
 
 
 class FMBCConfig(PretrainedConfig):
@@ -117,12 +121,6 @@ class FMBCConfig(PretrainedConfig):
         need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
              f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}")
         need(self.input_mode in INPUT_MODES, "input_mode", f"must be one of {INPUT_MODES}, got {self.input_mode!r}")
-        need(self.code_bit_order in BIT_ORDERS, "code_bit_order",
-             f"must be one of {BIT_ORDERS}, got {self.code_bit_order!r}")
-        need(self.code_values in CODE_VALUES, "code_values", f"must be one of {CODE_VALUES}, got {self.code_values!r}")
-        need(self.code_layout in LIFT_LAYOUTS, "code_layout",
-             f"must be one of {LIFT_LAYOUTS}, got {self.code_layout!r}")
-        need(self.code_scale > 0, "code_scale", f"must be > 0, got {self.code_scale}")
         need(self.norm_type in NORM_TYPES, "norm_type", f"must be one of {NORM_TYPES}, got {self.norm_type!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         need(self.hidden_act in ACTIVATIONS, "hidden_act", f"must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
@@ -137,14 +135,14 @@ class FMBCConfig(PretrainedConfig):
         if self.input_mode == "affine":
             need(self.affine_rows is not None and self.affine_bias is not None, "affine_rows",
                  "input_mode='affine' needs affine_rows (A as K row bitmasks) and affine_bias (b)")
-        if self.input_mode != "learned":
-            try:
+        # The code object validates its own fields; its error names the field, mapped to ours here.
+        try:
+            if self.input_mode == "learned":
+                check_code_options(self.code_bit_order, self.code_values, self.code_scale, self.code_layout)
+            else:
                 self.binary_code()
-            except ValueError as err:
-                message = str(err)
-                field = ("affine_rows" if "affine" in message else
-                         "hidden_size" if message.startswith("width") else "code_layout")
-                raise ValueError(f"FMBCConfig.{field}: {err}") from err
+        except CodeError as err:
+            raise ValueError(f"FMBCConfig.{CODE_FIELDS[err.field]}: {err}") from err
 
     @property
     def head_dim(self) -> int:

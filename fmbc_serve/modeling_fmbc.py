@@ -5,7 +5,12 @@ id's fixed binary code lifted to model width (no parameters), or, in `learned` m
 embedding table. This is the reference every engine is checked against; it favours plain, readable PyTorch.
 
 It imports only torch, transformers and its two siblings with relative imports, so the three files copied into
-a checkpoint folder load with `trust_remote_code=True` where fmbc_serve is not installed.
+a checkpoint folder load with `trust_remote_code=True` where fmbc_serve is not installed. The engines import
+three pieces from here, so that each exists once: `FMBCInputStage`, `add_norm` and the RoPE helpers.
+
+Data flow, the same in the reference and both engines: token ids -> `FMBCInputStage` -> (layer 0's normalised
+input, residual stream) -> decoder layers, which take and return `(hidden_states, residual)` as vLLM's and
+SGLang's llama do -> final norm -> head.
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .binary_code import FixedCodeInput
+from .binary_code import FixedCodeInput, check_token_ids
 from .configuration_fmbc import FMBCConfig
+
+try:  # the fused code + first-norm Triton kernel, installed with fmbc-serve; absent in a bare checkpoint folder
+    from fmbc_kernels import fused_code_norm, fused_kernel_enabled
+except ImportError:
+    fused_code_norm = None
+
+    def fused_kernel_enabled(device: torch.device) -> bool:
+        return False
 
 
 def make_norm(config: FMBCConfig) -> nn.Module:
@@ -28,29 +41,81 @@ def make_norm(config: FMBCConfig) -> nn.Module:
     return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
-class FMBCRotaryEmbedding(nn.Module):
-    """NeoX-style RoPE over the first `rotary_dim` channels of each head."""
+def rotary_inv_freq(config: FMBCConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [rotary_dim / 2] in float32."""
+    dim = config.rotary_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
-    def __init__(self, config: FMBCConfig) -> None:
-        super().__init__()
-        dim = config.rotary_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float().to(position_ids.device)
-        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, rotary_dim]
-        return angles.cos(), angles.sin()
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., rotary_dim] of the NeoX-style angles for `positions` [...], computed in float32."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.float().to(positions.device)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x [B, H, T, D]; the rest pass through."""
+    """NeoX RoPE (rotate halves) on the first cos.shape[-1] channels of x [..., head_dim]; the rest pass
+    through. cos and sin must broadcast against x."""
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class FMBCRotaryEmbedding(nn.Module):
+    """NeoX-style RoPE angles over the first `rotary_dim` channels of each head."""
+
+    def __init__(self, config: FMBCConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq)  # [B, T, rotary_dim]
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads of [B, H, T, D]
+
+
+def add_norm(norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + hidden_states), residual + hidden_states): the add-then-normalise step between blocks."""
+    residual = residual + hidden_states
+    return norm(residual), residual
+
+
+class FMBCInputStage:
+    """Token ids -> (layer 0's normalised input, residual stream): the one input stage of every FMBC model.
+
+    It hides the two choices a model would otherwise make at every call: learned table or fixed code, and
+    fused or unfused. With a fixed code on a device where `fmbc_kernels` allows it (CUDA), one Triton launch
+    computes the lifted code and its norm; otherwise the code (or table) and the norm run as two ops.
+
+    Not an nn.Module: it reads modules the model owns (`embed_tokens`, `layers[0].input_layernorm`), so their
+    parameters keep their canonical checkpoint names and follow the model across devices and dtypes.
+    """
+
+    def __init__(self, embed_tokens: nn.Module, first_norm: nn.Module, eps: float) -> None:
+        self.embed_tokens = embed_tokens
+        self.first_norm = first_norm
+        self.eps = eps
+        self.code = embed_tokens.code if isinstance(embed_tokens, FixedCodeInput) else None
+
+    def __call__(self, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """No range check (it would sync with the device): callers validate ids at their boundary."""
+        if self.code is not None and fused_kernel_enabled(input_ids.device):
+            residual, normed = fused_code_norm(input_ids, self.code, self.first_norm.weight,
+                                               getattr(self.first_norm, "bias", None), self.eps, dtype,
+                                               check_ids=False)
+            return normed, residual
+        return self.from_embeddings(self.embed(input_ids, dtype))
+
+    def embed(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The residual stream's start alone: the lifted code, or the table's rows."""
+        return self.embed_tokens(input_ids) if self.code is None else self.embed_tokens(input_ids, dtype)
+
+    def from_embeddings(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same pair for inputs given as embeddings (`inputs_embeds`)."""
+        return self.first_norm(embeddings), embeddings
 
 
 class FMBCAttention(nn.Module):
@@ -96,18 +161,24 @@ class FMBCMLP(nn.Module):
 
 
 class FMBCDecoderLayer(nn.Module):
+    """Pre-norm block. Takes and returns (hidden_states, residual) as vLLM's and SGLang's llama do: the previous
+    block's MLP output and the stream it is added to. Layer 0 instead receives the input stage's pair
+    (its normalised input and the stream), so it skips the add-then-normalise step."""
+
     def __init__(self, config: FMBCConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = make_norm(config)
         self.self_attn = FMBCAttention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config)
 
-    def forward(self, hidden_states, rotary, attention_mask, past_key_values) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), rotary, attention_mask, past_key_values
-        )
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def forward(self, hidden_states, residual, rotary, attention_mask, past_key_values):
+        if self.layer_idx > 0:
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, rotary, attention_mask, past_key_values)
+        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class FMBCPreTrainedModel(PreTrainedModel):
@@ -128,12 +199,9 @@ class FMBCPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
         elif isinstance(module, FixedCodeInput):  # buffers are rebuilt from the config after meta-device init
-            for name, table in zip(("shifts", "width_bits", "affine_matrix"), module.code.tables(), strict=True):
-                if table is not None:
-                    getattr(module, name).copy_(table)
+            module.reset_tables()
         elif isinstance(module, FMBCRotaryEmbedding):
-            dim = self.config.rotary_dim
-            module.inv_freq.copy_(1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2).float() / dim)))
+            module.inv_freq.copy_(rotary_inv_freq(self.config))
 
 
 class FMBCModel(FMBCPreTrainedModel):
@@ -148,19 +216,11 @@ class FMBCModel(FMBCPreTrainedModel):
         self.layers = nn.ModuleList(FMBCDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.rotary_emb = FMBCRotaryEmbedding(config)
+        self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The model input for `input_ids`; out-of-range ids raise instead of aliasing."""
-        if isinstance(self.embed_tokens, FixedCodeInput):
-            self.embed_tokens.code.check_ids(input_ids)
-            return self.embed_tokens(input_ids, self.norm.weight.dtype)
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return self.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -174,12 +234,17 @@ class FMBCModel(FMBCPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        hidden_states = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            # Out-of-range ids raise instead of aliasing onto a real token or indexing past the table.
+            check_token_ids(input_ids, self.config.vocab_size)
+            hidden_states, residual = self.input_stage(input_ids, self.norm.weight.dtype)
+        else:
+            hidden_states, residual = self.input_stage.from_embeddings(inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        batch, length = hidden_states.shape[:2]
+        batch, length = residual.shape[:2]
         if past_length + length > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past_length + length} tokens exceeds the context length "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
@@ -187,14 +252,16 @@ class FMBCModel(FMBCPreTrainedModel):
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(past_length, past_length + length, device=hidden_states.device)
+                position_ids = torch.arange(past_length, past_length + length, device=residual.device)
                 position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        mask = causal_mask(length, past_length, attention_mask, hidden_states.device)
+        mask = causal_mask(length, past_length, attention_mask, residual.device)
         rotary = self.rotary_emb(position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, rotary, mask, past_key_values if use_cache else None)
+            hidden_states, residual = layer(hidden_states, residual, rotary, mask,
+                                            past_key_values if use_cache else None)
+        hidden_states, _ = add_norm(self.norm, hidden_states, residual)
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
         )
 
 

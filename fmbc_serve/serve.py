@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .engines import ENGINES, runner
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 SERVED_NAME = "fmbc"
 
@@ -28,14 +30,14 @@ SERVED_NAME = "fmbc"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
                    help="checkpoint folder (default: the embedded default model)")
-    p.add_argument("--engine", choices=["auto", "vllm", "sglang"], default="auto")
+    p.add_argument("--engine", choices=["auto", *ENGINES], default="auto")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--served-model-name", default=SERVED_NAME, help="the `model` name clients send")
 
 
 def pick_engine(choice: str) -> str:
-    installed = [name for name in ("vllm", "sglang") if importlib.util.find_spec(name) is not None]
+    installed = [name for name in ENGINES if importlib.util.find_spec(name) is not None]
     if choice == "auto":
         if not installed:
             raise RuntimeError("neither vLLM nor SGLang is installed in this Python; "
@@ -46,25 +48,6 @@ def pick_engine(choice: str) -> str:
     return choice
 
 
-def engine_command(engine: str, model: str, host: str, port: int, served_name: str, cuda: bool,
-                   extra: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The engine's own server command and the environment it needs."""
-    env: dict[str, str] = {}
-    if engine == "vllm":
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                   "--served-model-name", served_name, "--host", host, "--port", str(port)]
-        if not cuda:
-            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    else:
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
-                   "--served-model-name", served_name, "--host", host, "--port", str(port)]
-        if not cuda:
-            from .sglang_runner import cpu_server_flags
-
-            command += cpu_server_flags()
-    return command + extra, env
-
-
 def serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -73,8 +56,9 @@ def serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{model} is not a checkpoint folder (no config.json)")
     engine = pick_engine(args.engine)
     extra = [arg for arg in args.engine_args if arg != "--"]
-    command, env = engine_command(engine, str(model), args.host, args.port, args.served_model_name,
-                                  torch.cuda.is_available(), extra)
+    command, env = runner(engine).server_command(str(model), args.host, args.port, args.served_model_name,
+                                                 torch.cuda.is_available())
+    command += extra
     print(f"fmbc serve: starting {engine}: {shlex.join(command)}", flush=True)
     proc = subprocess.Popen(command, env={**os.environ, **env})
     for sig in (signal.SIGINT, signal.SIGTERM):

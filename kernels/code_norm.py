@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from fmbc_serve.binary_code import BinaryCode
+    from fmbc_serve.binary_code import BinaryCode, CodeTables
 
 try:
     from . import code_norm_triton  # registers torch.ops.fmbc.code_norm
@@ -41,33 +41,21 @@ def fused_kernel_enabled(device: torch.device | str) -> bool:
             and os.environ.get(DISABLE_ENV) != "1")
 
 
-class CodeTables(NamedTuple):
-    """What the kernel reads about a code, as int32 device tensors (all derived from BinaryCode)."""
-
-    width_bits: torch.Tensor  # [d]: which bit of c' each width position holds
-    bit_counts: torch.Tensor  # [K]: how many width positions hold each bit (closed-form statistics)
-    affine_rows: torch.Tensor  # [K] row bitmasks of A, or [0] without an affine map
-
-
 def code_tables(code: BinaryCode, device: torch.device) -> CodeTables:
-    """Cached per (code, device) in eager mode, so a launch copies nothing host-to-device (make one eager
-    call before CUDA graph capture). torch.compile traces the build instead: static shapes keep it
-    graph-safe and the tables become constants of the graph."""
+    """The code's own tables (BinaryCode.tables()) on `device`. Cached per (code, device) in eager mode, so a
+    launch copies nothing host-to-device (make one eager call before CUDA graph capture). torch.compile traces
+    the build instead: static shapes keep it graph-safe and the tables become constants of the graph."""
     if torch.compiler.is_compiling():
-        return _build_code_tables(code, device)
-    return _cached_code_tables(code, device)
+        return _tables_on(code, device)
+    return _cached_tables_on(code, device)
 
 
-def _build_code_tables(code: BinaryCode, device: torch.device) -> CodeTables:
-    width_bits = code.width_bits()
-    return CodeTables(
-        width_bits=width_bits.to(device=device, dtype=torch.int32),
-        bit_counts=(width_bits == torch.arange(code.num_bits).unsqueeze(1)).sum(1).to(device, torch.int32),
-        affine_rows=torch.tensor(code.affine_rows or (), dtype=torch.int32, device=device),
-    )
+def _tables_on(code: BinaryCode, device: torch.device) -> CodeTables:
+    tables = code.tables()
+    return tables._replace(**{name: table.to(device) for name, table in tables._asdict().items()})
 
 
-_cached_code_tables = functools.lru_cache(maxsize=64)(_build_code_tables)
+_cached_tables_on = functools.lru_cache(maxsize=64)(_tables_on)
 
 
 def _check_inputs(ids: torch.Tensor, code: BinaryCode, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

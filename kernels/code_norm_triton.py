@@ -48,19 +48,19 @@ def code_norm_kernel(
     if HAS_AFFINE:  # c'_i = parity(A_i & c) xor b_i
         recoded = tl.zeros([BLOCK_T], dtype=tl.int32)
         for i in range(num_bits):
-            recoded |= _parity(codes & tl.load(affine_rows_ptr + i)) << i
+            recoded |= _parity(codes & tl.load(affine_rows_ptr + i).to(tl.int32)) << i
         codes = recoded ^ affine_bias
 
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < width
-    bit_index = tl.load(width_bits_ptr + cols, mask=col_mask, other=0)
+    bit_index = tl.load(width_bits_ptr + cols, mask=col_mask, other=0).to(tl.int32)
     is_high = ((codes[:, None] >> bit_index[None, :]) & 1) != 0
     x = tl.where(is_high, high, low)  # [BLOCK_T, BLOCK_D] fp32: only two values per position
 
     if CLOSED_FORM:  # statistics from the bit counts: O(K) per row, no reduction over d
         num_high = tl.zeros([BLOCK_T], dtype=tl.int32)
         for k in range(num_bits):
-            num_high += ((codes >> k) & 1) * tl.load(bit_counts_ptr + k)
+            num_high += ((codes >> k) & 1) * tl.load(bit_counts_ptr + k).to(tl.int32)
         p_high = num_high.to(tl.float32) / width
         if LAYER_NORM:
             mean = low + p_high * (high - low)
@@ -110,8 +110,9 @@ def code_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unchecked launch: use `fmbc_kernels.fused_code_norm`, which validates and builds the tables.
 
-    `width_bits[p]` is the bit of c' at width position p, `bit_counts[k]` how many positions hold bit k,
-    `affine_rows` A's rows (empty for no affine map). Returns (residual, normed) of shape ids.shape + (d,).
+    The three tables are `BinaryCode.tables()` (int64) on the ids' device: `width_bits[p]` is the bit of c' at
+    width position p, `bit_counts[k]` how many positions hold bit k, `affine_rows` A's rows (empty for no affine
+    map). Returns (residual, normed) of shape ids.shape + (d,).
     """
     width = width_bits.shape[0]
     residual, normed = _empty_outputs(ids, width, out_dtype)

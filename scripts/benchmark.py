@@ -71,7 +71,7 @@ def run_vllm(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> 
 def run_sglang(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> dict:
     import sglang as sgl
 
-    from fmbc_serve.sglang_runner import engine_args
+    from fmbc_serve.engines.sglang.runner import engine_args
 
     engine = sgl.Engine(**engine_args(checkpoint, kv_tokens=len(prompts) * (max(map(len, prompts)) + max_new_tokens)))
     try:

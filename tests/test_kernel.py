@@ -1,8 +1,9 @@
-"""The fused code + norm kernel against its pure-torch reference, under the Triton interpreter on CPU.
-
-conftest.py sets TRITON_INTERPRET=1 before triton is imported. The interpreter pays ~3.5 ms per program, so
-the grid is sampled: every (K, d, layout) combination the code allows, with the other options cycled across
-them, and a full cross of norm x dtype x statistics variant on one code.
+"""The fused code + norm kernel against its pure-torch reference: on the GPU when CUDA is present, under the
+Triton interpreter on CPU otherwise (conftest.py sets TRITON_INTERPRET=1 before triton is imported when there
+is no CUDA). The interpreter pays ~3.5 ms per program, so the grid is sampled: every (K, d, layout)
+combination the code allows, with the other options cycled across them, and a full cross of norm x dtype x
+statistics variant on one code. On CUDA, CUDA-graph capture is checked too. scripts/kernel_benchmark.py times
+the kernel with the helpers defined here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fmbc_kernels import (  # noqa: E402
 from fmbc_serve.binary_code import BinaryCode, random_affine  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-5
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # rtol = atol: ~2 ulp
@@ -54,14 +56,14 @@ def boundary_ids(code: BinaryCode, num_tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, code.vocab_size, (num_tokens,), generator=generator)
     ids[: min(2, num_tokens)] = torch.tensor([0, code.vocab_size - 1])[: min(2, num_tokens)]
-    return ids
+    return ids.to(DEVICE)
 
 
 def norm_params(width: int, dtype: torch.dtype, layer_norm: bool, seed: int):
     generator = torch.Generator().manual_seed(seed)
     weight = (1 + 0.5 * torch.randn(width, generator=generator)).to(dtype)
-    bias = (0.5 * torch.randn(width, generator=generator)).to(dtype) if layer_norm else None
-    return weight, bias
+    bias = (0.5 * torch.randn(width, generator=generator)).to(DEVICE, dtype) if layer_norm else None
+    return weight.to(DEVICE), bias
 
 
 def assert_matches_reference(ids, code, weight, bias, dtype, closed_form: bool) -> None:
@@ -141,7 +143,7 @@ def test_out_of_range_ids_are_rejected_before_launch(bad_id: int, monkeypatch: p
         raise AssertionError("the kernel was launched with an out-of-range id")
 
     monkeypatch.setattr(code_norm_triton, "code_norm_kernel", launch_must_not_happen)
-    ids = torch.tensor([0, 5, bad_id, 999])
+    ids = torch.tensor([0, 5, bad_id, 999], device=DEVICE)
     with pytest.raises(ValueError, match=f"token id {bad_id} is out of range"):
         fused_code_norm(ids, code, weight, bias, EPS, torch.float32)
 
@@ -149,7 +151,7 @@ def test_out_of_range_ids_are_rejected_before_launch(bad_id: int, monkeypatch: p
 def test_input_checks() -> None:
     code = make_code(9, 64, "repeat")
     weight, bias = norm_params(64, torch.float32, layer_norm=True, seed=7)
-    ids = torch.arange(8)
+    ids = torch.arange(8, device=DEVICE)
     with pytest.raises(TypeError, match="integer"):
         fused_code_norm(ids.float(), code, weight, bias, EPS, torch.float32)
     with pytest.raises(ValueError, match="ids must be contiguous"):
@@ -231,10 +233,29 @@ def test_custom_op_under_torch_compile(backend: str) -> None:
             assert torch.equal(got, expected)
 
 
-def test_gpu_check_script_runs_under_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "scripts/gpu_kernel_check.py", "--interpret"], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+def test_benchmark_script_runs() -> None:
+    """scripts/kernel_benchmark.py (tiny sizes under the interpreter; the real sizes on a GPU)."""
+    result = subprocess.run([sys.executable, "scripts/kernel_benchmark.py"], cwd=REPO_ROOT, env=dict(os.environ),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "all checks passed" in result.stdout
     assert "speedup vs learned" in result.stdout
+
+
+if DEVICE.type == "cuda":  # collected only where it can run
+
+    def test_cuda_graph_capture_replays_with_new_ids() -> None:
+        code = make_code(16, 256, "interleave", values="sign", scale=0.5)
+        weight, bias = norm_params(256, torch.bfloat16, layer_norm=True, seed=11)
+        static_ids = boundary_ids(code, 64, seed=11)
+
+        def embed_and_norm() -> tuple[torch.Tensor, torch.Tensor]:
+            return fused_code_norm(static_ids, code, weight, bias, EPS, torch.bfloat16, check_ids=False)
+
+        embed_and_norm()  # builds the cached tables outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = embed_and_norm()
+        static_ids.copy_(boundary_ids(code, 64, seed=12))
+        graph.replay()
+        for got, expected in zip(captured, embed_and_norm(), strict=True):
+            assert torch.equal(got, expected)

@@ -63,7 +63,7 @@ def test_fixed_modes_have_no_input_parameters() -> None:
 def test_input_is_the_binary_code(tiny_checkpoints: dict[str, str]) -> None:
     model = load(tiny_checkpoints["affine"])
     ids = torch.arange(512)
-    assert torch.equal(model.model.embed(ids), model.config.binary_code().embed(ids))
+    assert torch.equal(model.model.input_stage.embed(ids, torch.float32), model.config.binary_code().embed(ids))
 
 
 @pytest.mark.parametrize("mode", ["binary", "learned"])
@@ -127,3 +127,13 @@ def test_folder_loads_with_remote_code_where_fmbc_serve_is_absent(tiny_checkpoin
     with torch.no_grad():
         local = load(path)(torch.tensor([remote["ids"]])).logits[0]
     assert torch.equal(torch.tensor(remote["logits"]), local)
+
+
+def test_parity_reference_keeps_prompt_tokens_equal_to_the_pad_id(tiny_checkpoints: dict[str, str]) -> None:
+    """The parity harness's reference must not mask a prompt token that happens to equal its pad id (0)."""
+    from fmbc_serve.parity import reference_greedy
+
+    prompt = [511, 0, 257, 0]
+    (result,) = reference_greedy(tiny_checkpoints["learned"], [prompt], 6)
+    assert result.tokens == greedy_without_cache(load(tiny_checkpoints["learned"]), prompt, 6)
+    assert len(result.prompt_logprobs) == len(prompt) - 1 and len(result.token_logprobs) == 6

@@ -3,8 +3,8 @@ reference model for every input mode, the OpenAI-compatible server, and request 
 
 One real server (plain `python -m sglang.launch_server`, registered by the entry point) serves the binary
 checkpoint; one offline-engine subprocess, registered only by SGLANG_EXTERNAL_MODEL_PACKAGE (the plugin is
-switched off with SGLANG_PLUGINS), checks the affine and learned checkpoints through `sglang_greedy`.
-Run with `pytest -s` to see the measured parity figures.
+switched off with SGLANG_PLUGINS), checks the affine and learned checkpoints through the runner's `greedy`.
+Parity is measured by the project's one harness (`fmbc_serve.parity`). Run with `pytest -s` to see the figures.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from conftest import assert_parity_command_passes, require
 from servers import free_port, running_server
 
-from fmbc_serve.sglang_runner import cpu_server_flags
+from fmbc_serve.engines.sglang.runner import completion_from_meta, cpu_server_flags
+from fmbc_serve.parity import Completion, compare, reference_greedy
 
 pytestmark = pytest.mark.sglang
 
@@ -29,70 +30,51 @@ MAX_NEW_TOKENS = 16
 TOLERANCE = 1e-4
 # The CPU flags of docs/sglang.md; --max-total-tokens keeps the KV cache small (SGLang would take most of the RAM).
 CPU_FLAGS = cpu_server_flags(4096)
+MODEL_PACKAGE = "fmbc_serve.engines.sglang.models"
 # Only SGLANG_EXTERNAL_MODEL_PACKAGE registers the model here: the entry point is filtered out by name.
-ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": "fmbc_serve.sglang_models", "SGLANG_PLUGINS": "none"}
+ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": MODEL_PACKAGE, "SGLANG_PLUGINS": "none"}
 
 
-def reference_greedy(checkpoint_dir: str, prompt: list[int], max_new_tokens: int):
-    """Greedy decoding with the HF reference model in float32 (KV cache, like generate()): output ids, their
-    logprobs, and the prompt's logprobs at positions 1.."""
-    from fmbc_serve import FMBCForCausalLM
-
-    model = FMBCForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        logprobs = torch.log_softmax(out.logits[0].float(), -1)
-        prompt_logprobs = logprobs[:-1].gather(-1, torch.tensor(prompt[1:]).unsqueeze(-1)).squeeze(-1).tolist()
-        tokens, token_logprobs, cache, last = [], [], out.past_key_values, logprobs[-1]
-        for _ in range(max_new_tokens):
-            token = int(last.argmax())
-            tokens.append(token)
-            token_logprobs.append(float(last[token]))
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, last = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
-    return tokens, token_logprobs, prompt_logprobs
-
-
-def max_abs_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
-
-
-def assert_parity(mode: str, checkpoint_dir: str, results) -> None:
+def assert_parity(mode: str, checkpoint_dir: str, results: list[Completion]) -> None:
     """Tokens equal the reference's; max |Δlogprob| within TOLERANCE on prefill and decode (printed)."""
-    prefill_delta = decode_delta = 0.0
-    for prompt, (tokens, token_logprobs, prompt_logprobs) in zip(PROMPTS, results, strict=True):
-        ref_tokens, ref_token_logprobs, ref_prompt_logprobs = reference_greedy(checkpoint_dir, prompt, MAX_NEW_TOKENS)
-        assert tokens == ref_tokens, f"{mode}: greedy tokens differ for prompt {prompt[:5]}..."
-        assert len(prompt_logprobs) == len(ref_prompt_logprobs) == len(prompt) - 1
-        prefill_delta = max(prefill_delta, max_abs_diff(prompt_logprobs, ref_prompt_logprobs))
-        decode_delta = max(decode_delta, max_abs_diff(token_logprobs, ref_token_logprobs))
+    rows = [compare(ref, got, len(prompt)) for ref, got, prompt in
+            zip(reference_greedy(checkpoint_dir, PROMPTS, MAX_NEW_TOKENS), results, PROMPTS, strict=True)]
+    for prompt, got, row in zip(PROMPTS, results, rows, strict=True):
+        assert row.agree, f"{mode}: greedy tokens differ for prompt {prompt[:5]}... at step {row.first_divergence}"
+        assert len(got.prompt_logprobs) == len(prompt) - 1
+    prefill_delta = max(row.max_prefill_delta for row in rows)
+    decode_delta = max(row.max_decode_delta for row in rows)
     print(f"\nSGLang parity [{mode}]: tokens equal; max |Δlogprob| prefill {prefill_delta:.2e}, "
           f"decode {decode_delta:.2e}")
     assert prefill_delta <= TOLERANCE and decode_delta <= TOLERANCE
 
 
-def test_registry_scan_strict(tmp_path):
+@pytest.mark.parametrize("package", [MODEL_PACKAGE, "fmbc_serve.sglang_models"])
+def test_registry_scan_strict(tmp_path, package):
     """SGLang's own scan of our package, strict (an import error fails instead of being logged), finds the
-    class; with the env var alone (entry point switched off) it is in ModelRegistry."""
+    class; with the env var alone (entry point switched off) it is in ModelRegistry. The earlier documented
+    package name keeps working."""
     require("sglang")
     script = ("from sglang.srt.models.registry import ModelRegistry, import_model_classes\n"
-              "found = import_model_classes('fmbc_serve.sglang_models', strict=True)\n"
+              f"found = import_model_classes({package!r}, strict=True)\n"
               "print(sorted(found), 'FMBCForCausalLM' in ModelRegistry.models)\n")
+    env = {**os.environ, **ENV_VAR_REGISTRATION, "SGLANG_EXTERNAL_MODEL_PACKAGE": package}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
-                            env={**os.environ, **ENV_VAR_REGISTRATION}, cwd=tmp_path)
+                            env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "['FMBCForCausalLM'] True"
 
 
 def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
-    """Affine and learned checkpoints through sglang_greedy (the offline Engine), registered only by
+    """Affine and learned checkpoints through the runner's greedy (the offline Engine), registered only by
     SGLANG_EXTERNAL_MODEL_PACKAGE."""
     require("sglang")
-    script = ("import json, sys\n"
-              "from fmbc_serve.sglang_runner import sglang_greedy\n"
+    script = ("import dataclasses, json, sys\n"
+              "from fmbc_serve.engines.sglang.runner import greedy\n"
               "if __name__ == '__main__':\n"
               "    dirs, prompts, n = json.loads(sys.argv[1])\n"
-              "    print('RESULT', json.dumps([sglang_greedy(d, prompts, n) for d in dirs]))\n")
+              "    results = [[dataclasses.astuple(c) for c in greedy(d, prompts, n)] for d in dirs]\n"
+              "    print('RESULT', json.dumps(results))\n")
     (tmp_path / "run.py").write_text(script)
     modes = ["affine", "learned"]
     arg = json.dumps([[tiny_checkpoints[m] for m in modes], PROMPTS, MAX_NEW_TOKENS])
@@ -101,7 +83,7 @@ def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-5000:]
     for mode, results in zip(modes, json.loads(lines[-1][len("RESULT "):]), strict=True):
-        assert_parity(mode, tiny_checkpoints[mode], results)
+        assert_parity(mode, tiny_checkpoints[mode], [Completion(*r) for r in results])
 
 
 def test_fmbc_parity_command(tiny_checkpoints):
@@ -138,12 +120,7 @@ def test_server_parity_binary(server, tiny_checkpoints):
             "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}}
     response = requests.post(server + "/generate", json=body, timeout=120)
     assert response.status_code == 200, response.text
-    results = []
-    for out in response.json():
-        meta = out["meta_info"]
-        results.append(([t for _, t, _ in meta["output_token_logprobs"]],
-                         [lp for lp, _, _ in meta["output_token_logprobs"]],
-                         [lp for lp, _, _ in meta["input_token_logprobs"][1:]]))
+    results = [completion_from_meta(out["meta_info"]) for out in response.json()]
     assert_parity("binary", tiny_checkpoints["binary"], results)
 
 
@@ -238,7 +215,7 @@ def test_load_weights_names_bad_tensors():
     from types import SimpleNamespace
 
     from fmbc_serve.checkpoint import make_config
-    from fmbc_serve.sglang_models.fmbc import FMBCForCausalLM
+    from fmbc_serve.engines.sglang.models.fmbc import FMBCForCausalLM
 
     config = make_config("tiny")
     weights = [("lm_head.weight", torch.zeros(512, 64)), ("model.extra.weight", torch.zeros(2))]

@@ -59,7 +59,7 @@ def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str], mo
 def test_load_errors_name_the_tensor(vllm, tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
     import shutil
 
-    from fmbc_serve.parity import vllm_greedy
+    from fmbc_serve.engines.vllm.runner import greedy
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoints["binary"], broken)
@@ -67,7 +67,7 @@ def test_load_errors_name_the_tensor(vllm, tiny_checkpoints: dict[str, str], tmp
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(Exception, match=r"missing tensor model\.layers\.1\.mlp\.down_proj\.weight"):
-        vllm_greedy(str(broken), [[1, 2, 3]], 2)
+        greedy(str(broken), [[1, 2, 3]], 2)
 
 
 def test_fmbc_parity_command(vllm, tiny_checkpoints: dict[str, str]) -> None:
@@ -218,12 +218,13 @@ def test_malformed_json_is_a_4xx(server) -> None:
 
 TP2_SCRIPT = """
 import json, sys
-from fmbc_serve.parity import compare, reference_greedy, vllm_greedy
+from fmbc_serve.engines.vllm.runner import greedy
+from fmbc_serve.parity import compare, reference_greedy
 
 if __name__ == "__main__":
     prompts = [[72, 101, 108, 108, 111], list(range(1, 60))]
     for path in sys.argv[1:]:
-        engine = vllm_greedy(path, prompts, 12, tensor_parallel_size=2, distributed_executor_backend="mp")
+        engine = greedy(path, prompts, 12, tensor_parallel_size=2, distributed_executor_backend="mp")
         rows = [compare(r, e, len(p)) for r, e, p in zip(reference_greedy(path, prompts, 12), engine, prompts)]
         print("TP2 " + json.dumps([[row.agree, row.max_delta] for row in rows]), flush=True)
 """

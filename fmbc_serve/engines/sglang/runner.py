@@ -1,13 +1,15 @@
-"""Offline greedy generation with SGLang, for parity checks against the reference model (`fmbc parity`).
-
-Runs `sglang.Engine` in this process tree with the flags that work on a CPU-only machine (see docs/sglang.md)
-or SGLang's defaults on CUDA. Call it from a script under an `if __name__ == "__main__":` guard: the engine
-spawns its scheduler processes.
+"""SGLang runner: offline greedy decoding for parity checks (`fmbc parity --engine sglang`) and the server
+command for `fmbc serve`, with the flags that work on a CPU-only machine (see docs/sglang.md) or SGLang's
+defaults on CUDA. Call `greedy` from a script under an `if __name__ == "__main__":` guard: the engine spawns
+its scheduler processes.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from fmbc_serve.parity import Completion
 
 # Flags that run SGLang 0.5.23 from PyPI on a machine without a GPU (its own CPU engine needs a kernel
 # library that PyPI does not ship). float32 keeps logprobs comparable with the float32 reference.
@@ -42,14 +44,11 @@ def engine_args(checkpoint_dir: str | Path, kv_tokens: int) -> dict[str, object]
     return args
 
 
-def sglang_greedy(
-    checkpoint_dir: str | Path, prompts: list[list[int]], max_new_tokens: int
-) -> list[tuple[list[int], list[float], list[float]]]:
-    """Greedy-decode each token-id prompt with SGLang.
-
-    Returns, per prompt: the generated token ids, their logprobs, and the logprobs SGLang assigns to the
-    prompt's own tokens at positions 1.. (position 0 has no prediction). `ignore_eos` keeps every output
-    exactly `max_new_tokens` long, so the comparison with a reference does not depend on stop tokens."""
+def greedy(checkpoint_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[Completion]:
+    """Greedy-decode each token-id prompt with SGLang's offline Engine: the generated ids, their logprobs, and
+    the logprobs SGLang assigns to the prompt's own tokens at positions 1.. (position 0 has no prediction).
+    `ignore_eos` keeps every output exactly `max_new_tokens` long, so the comparison with a reference does
+    not depend on stop tokens."""
     import sglang
 
     kv_tokens = sum(len(p) + max_new_tokens for p in prompts)
@@ -63,10 +62,20 @@ def sglang_greedy(
         )
     finally:
         engine.shutdown()
-    results = []
-    for out in outputs:
-        meta = out["meta_info"]
-        generated = [(token_id, logprob) for logprob, token_id, _ in meta["output_token_logprobs"]]
-        prompt_logprobs = [logprob for logprob, _, _ in meta["input_token_logprobs"][1:]]
-        results.append(([t for t, _ in generated], [lp for _, lp in generated], prompt_logprobs))
-    return results
+    return [completion_from_meta(out["meta_info"]) for out in outputs]
+
+
+def completion_from_meta(meta: dict) -> Completion:
+    """A Completion from the `meta_info` of an SGLang answer given `return_logprob` and `logprob_start_len=0`
+    (the offline Engine's and the server's /generate answer alike)."""
+    output = meta["output_token_logprobs"]
+    return Completion([token for _, token, _ in output], [logprob for logprob, _, _ in output],
+                      [logprob for logprob, _, _ in meta["input_token_logprobs"][1:]])
+
+
+def server_command(model: str, host: str, port: int, served_name: str, cuda: bool,
+                   python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """SGLang's own server command (with the CPU flags where there is no CUDA) and its extra environment."""
+    command = [python, "-m", "sglang.launch_server", "--model-path", model,
+               "--served-model-name", served_name, "--host", host, "--port", str(port)]
+    return command + ([] if cuda else cpu_server_flags()), {}

@@ -2,7 +2,8 @@
 
 SGLang calls `register()` through the `sglang.srt.plugins` entry point in its launcher, scheduler and
 detokenizer processes, so `python -m sglang.launch_server --model-path DIR` serves an FMBC checkpoint with no
-environment variable (the alternative, `SGLANG_EXTERNAL_MODEL_PACKAGE=fmbc_serve.sglang_models`, also works).
+environment variable (the alternative, `SGLANG_EXTERNAL_MODEL_PACKAGE=fmbc_serve.engines.sglang.models`, also
+works).
 
 Validation, for FMBC checkpoints only (config.json `model_type` "fmbc"), installed with SGLang's HookRegistry
 in the process that runs the TokenizerManager; a rejected request gets HTTP 400 with the message below and
@@ -115,7 +116,7 @@ def register() -> None:
 
     # Importing our package also registers FMBCConfig with transformers' AutoConfig, which SGLang needs to
     # parse config.json (model_type "fmbc") in every process.
-    from fmbc_serve.sglang_models.fmbc import FMBCForCausalLM
+    from fmbc_serve.engines.sglang.models.fmbc import FMBCForCausalLM
 
     ModelRegistry.models[FMBCForCausalLM.__name__] = FMBCForCausalLM
     HookRegistry.register(f"{_TOKENIZER_MANAGER}._validate_one_request", _before_validate_one_request,

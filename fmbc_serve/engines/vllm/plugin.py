@@ -17,4 +17,4 @@ def register() -> None:
     import fmbc_serve  # noqa: F401  (registers FMBCConfig with AutoConfig: config.json has model_type "fmbc")
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "fmbc_serve.vllm_fmbc:FMBCForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "fmbc_serve.engines.vllm.model:FMBCForCausalLM")

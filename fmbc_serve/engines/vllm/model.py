@@ -1,11 +1,13 @@
 """Inference-only FMBC model for vLLM (written like vLLM's own gpt_j.py / llama.py).
 
-The fixed input modes compute each token's input from its id through the single source of truth
-(`binary_code.FixedCodeInput`): no V×d table exists, and under tensor parallelism every rank computes the full
-input locally, with no all-reduce (a learned table is vocab-sharded and needs one). Pipeline parallelism
-follows llama.py: `make_layers`, `PPMissingLayer` and intermediate tensors.
+Token ids enter through the reference's `FMBCInputStage` (fixed code or learned table, fused with layer 0's
+norm where the Triton kernel runs): with a fixed code no V×d table exists, and under tensor parallelism every
+rank computes the full input locally, with no all-reduce (a learned table is vocab-sharded and needs one).
+Layers pass `(hidden_states, residual)` as llama.py does; pipeline parallelism follows llama.py too
+(`make_layers`, `PPMissingLayer`, intermediate tensors). Weights load by the shared policy in
+`fmbc_serve.weights`.
 
-Registered with vLLM by `fmbc_serve.vllm_plugin` (entry point `vllm.general_plugins`). No
+Registered with vLLM by `fmbc_serve.engines.vllm.plugin` (entry point `vllm.general_plugins`). No
 `from __future__ import annotations` here: `support_torch_compile` reads the forward's real annotations to find
 the dynamic dimensions.
 """
@@ -30,6 +32,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    extract_layer_index,
     is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
@@ -37,13 +40,10 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .binary_code import FixedCodeInput
-from .checkpoint import check_tensors, expected_tensors
-from .configuration_fmbc import FMBCConfig
-from .kernel_dispatch import fused_input_norm
-
-# Checkpoint name -> (fused parameter, shard id), as in llama.py's stacked_params_mapping.
-STACKED_PARAMS = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
+from fmbc_serve.binary_code import FixedCodeInput
+from fmbc_serve.configuration_fmbc import FMBCConfig
+from fmbc_serve.modeling_fmbc import FMBCInputStage, add_norm
+from fmbc_serve.weights import load_canonical_weights
 
 
 def make_norm(config: FMBCConfig) -> nn.Module:
@@ -105,18 +105,20 @@ class FMBCDecoderLayer(nn.Module):
     def __init__(self, config: FMBCConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
                  prefix: str) -> None:
         super().__init__()
+        self.layer_idx = extract_layer_index(prefix)
         self.input_layernorm = make_norm(config)
         self.self_attn = FMBCAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                normed: torch.Tensor | None = None) -> torch.Tensor:
-        """`normed` is input_layernorm(hidden_states) when the caller already has it (the fused input kernel)."""
-        if normed is None:
-            normed = self.input_layernorm(hidden_states)
-        hidden_states = hidden_states + self.self_attn(positions, normed)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states, residual) as in the reference: layer 0 gets the input stage's normalised pair."""
+        if self.layer_idx > 0:
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 @support_torch_compile
@@ -126,6 +128,7 @@ class FMBCModel(nn.Module):
         config: FMBCConfig = vllm_config.model_config.hf_config
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.config = config
+        self.dtype = vllm_config.model_config.dtype
         pp_group = get_pp_group()
         if not pp_group.is_first_rank:
             self.embed_tokens = PPMissingLayer()
@@ -139,38 +142,30 @@ class FMBCModel(nn.Module):
             lambda prefix: FMBCDecoderLayer(config, cache_config, quant_config, prefix=prefix),
             prefix=f"{prefix}.layers",
         )
+        if pp_group.is_first_rank:
+            self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
         self.norm = make_norm(config) if pp_group.is_last_rank else PPMissingLayer()
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states"], config.hidden_size)
-        self.dtype = vllm_config.model_config.dtype
+            ["hidden_states", "residual"], config.hidden_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed_tokens, FixedCodeInput):
-            return self.embed_tokens(input_ids, self.dtype)
-        return self.embed_tokens(input_ids)
+        """The residual stream's start for `input_ids` (what vLLM asks for when it embeds ids itself)."""
+        return self.input_stage.embed(input_ids, self.dtype)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        start = self.start_layer
         if not get_pp_group().is_first_rank:
-            hidden_states = intermediate_tensors["hidden_states"]
+            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
         elif inputs_embeds is not None:
-            hidden_states = inputs_embeds
-        elif isinstance(self.embed_tokens, FixedCodeInput):
-            # Fixed code: the lift and layer 0's input norm, fused into one kernel where available.
-            first = self.layers[start]
-            hidden_states, normed = fused_input_norm(self.embed_tokens, first.input_layernorm, input_ids,
-                                                     self.dtype, self.config.norm_eps)
-            hidden_states = first(positions, hidden_states, normed)
-            start += 1
+            hidden_states, residual = self.input_stage.from_embeddings(inputs_embeds)
         else:
-            hidden_states = self.embed_tokens(input_ids)
-        for layer in islice(self.layers, start, self.end_layer):
-            hidden_states = layer(positions, hidden_states)
+            hidden_states, residual = self.input_stage(input_ids, self.dtype)
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states})
-        return self.norm(hidden_states)
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        return add_norm(self.norm, hidden_states, residual)[0]
 
 
 class FMBCForCausalLM(nn.Module, SupportsPP):
@@ -199,30 +194,5 @@ class FMBCForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Map canonical checkpoint tensors onto the fused, sharded layers. Every tensor is checked against the
-        config as it streams in, so a missing, unexpected or mis-shaped tensor fails loading with its name."""
-        expected = expected_tensors(self.config)
-        params = dict(self.named_parameters())
-        seen: dict[str, tuple[int, ...]] = {}
-        loaded: set[str] = set()
-        for name, weight in weights:
-            seen[name] = tuple(weight.shape)
-            problems = check_tensors({name: expected[name]} if name in expected else {}, {name: seen[name]})
-            if problems:
-                raise ValueError(f"FMBC checkpoint does not match its config: {problems[0]}")
-            for fused, part, shard in STACKED_PARAMS:
-                if f".{part}." in name:
-                    name = name.replace(part, fused)
-                    if not is_pp_missing_parameter(name, self):
-                        params[name].weight_loader(params[name], weight, shard)
-                        loaded.add(name)
-                    break
-            else:
-                if not is_pp_missing_parameter(name, self):
-                    param = params[name]
-                    getattr(param, "weight_loader", default_weight_loader)(param, weight)
-                    loaded.add(name)
-        missing = check_tensors(expected, seen)
-        if missing:
-            raise ValueError("FMBC checkpoint does not match its config: " + "; ".join(missing))
-        return loaded
+        return load_canonical_weights(self, weights, self.config, default_weight_loader,
+                                      is_elsewhere=lambda name: is_pp_missing_parameter(name, self))

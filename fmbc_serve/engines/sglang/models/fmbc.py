@@ -1,0 +1,228 @@
+"""FMBC for SGLang: the reference decoder (fmbc_serve.modeling_fmbc) on SGLang's serving layers.
+
+In the style of SGLang's gpt_j.py / llama.py: tensor-parallel linears with fused q/k/v, RadixAttention over the
+paged KV cache, ParallelLMHead and LogitsProcessor, layers passing `(hidden_states, residual)`. Token ids enter
+through the reference's `FMBCInputStage` (fixed code, no V×d table, or a VocabParallelEmbedding in `learned`
+mode; fused with layer 0's norm where the Triton kernel runs). Ids are validated per request by
+`fmbc_serve.engines.sglang.plugin`, so the hot path does no range check (it would force a device sync every
+step). Weights load by the shared policy in `fmbc_serve.weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from sglang.srt.layers.activation import get_act_fn
+from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.utils import add_prefix
+from torch import nn
+
+from fmbc_serve.binary_code import FixedCodeInput
+from fmbc_serve.configuration_fmbc import FMBCConfig
+from fmbc_serve.modeling_fmbc import (  # plain torch norms and RoPE maths, exactly as the reference has them
+    FMBCInputStage,
+    add_norm,
+    apply_rotary,
+    make_norm,
+    rotary_cos_sin,
+    rotary_inv_freq,
+)
+from fmbc_serve.weights import load_canonical_weights
+
+logger = logging.getLogger(__name__)
+
+# SGLang's activation names for FMBCConfig.hidden_act.
+_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+class NeoxRotaryFallback(nn.Module):
+    """The reference's RoPE with SGLang's rotary call signature, on q/k of shape [T, heads * head_dim]. Used
+    only where SGLang's own rotary embedding cannot be built (CPU without its kernel library)."""
+
+    def __init__(self, config: FMBCConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = (t.unsqueeze(1) for t in rotary_cos_sin(positions, self.inv_freq))  # [T, 1, rotary_dim]
+        return tuple(apply_rotary(x.view(x.shape[0], -1, self.head_dim), cos, sin).view(x.shape)
+                     for x in (query, key))
+
+
+def make_rotary(config: FMBCConfig) -> nn.Module:
+    """SGLang's get_rope (NeoX style, partial rotation) where it can be built; otherwise the torch fallback.
+
+    Detected by trying: on CPU without SGLang's CPU kernel library, RotaryEmbedding's constructor imports
+    `vllm._custom_ops`, which is absent."""
+    try:
+        return get_rope(
+            config.head_dim,
+            rotary_dim=config.rotary_dim,
+            max_position=config.max_position_embeddings,
+            base=config.rope_theta,
+            is_neox_style=True,
+        )
+    except ImportError as err:
+        logger.info("SGLang rotary embedding unavailable here (%s); using the plain-torch NeoX fallback", err)
+        return NeoxRotaryFallback(config)
+
+
+class FMBCAttention(nn.Module):
+    def __init__(
+        self, config: FMBCConfig, layer_id: int, quant_config: QuantizationConfig | None = None, prefix: str = ""
+    ) -> None:
+        super().__init__()
+        tp_size = get_parallel().tp_size
+        total_heads = config.num_attention_heads
+        if total_heads % tp_size:
+            raise ValueError(f"num_attention_heads ({total_heads}) must be divisible by the TP size ({tp_size})")
+        self.num_heads = total_heads // tp_size
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, total_heads, bias=config.attention_bias,
+            quant_config=quant_config, prefix=add_prefix("qkv_proj", prefix),
+        )
+        self.o_proj = RowParallelLinear(
+            config.hidden_size, config.hidden_size, bias=config.attention_bias,
+            quant_config=quant_config, prefix=add_prefix("o_proj", prefix),
+        )
+        self.rotary_emb = make_rotary(config)
+        self.attn = RadixAttention(
+            self.num_heads, self.head_dim, scaling=self.head_dim**-0.5, num_kv_heads=self.num_heads,
+            layer_id=layer_id, quant_config=quant_config, prefix=add_prefix("attn", prefix),
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size] * 3, dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
+        return out
+
+
+class FMBCMLP(nn.Module):
+    def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.up_proj = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=config.mlp_bias,
+            quant_config=quant_config, prefix=add_prefix("up_proj", prefix),
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
+            quant_config=quant_config, prefix=add_prefix("down_proj", prefix),
+        )
+        self.act = get_act_fn(_ACTIVATIONS[config.hidden_act])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.up_proj(x)
+        x, _ = self.down_proj(self.act(x))
+        return x
+
+
+class FMBCDecoderLayer(nn.Module):
+    """Pre-norm block passing (hidden_states, residual) as the reference does: layer 0 gets the input stage's
+    normalised pair."""
+
+    def __init__(
+        self, config: FMBCConfig, layer_id: int, quant_config: QuantizationConfig | None = None, prefix: str = ""
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = make_norm(config)
+        self.self_attn = FMBCAttention(config, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = FMBCMLP(config, quant_config, prefix=add_prefix("mlp", prefix))
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, forward_batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_id > 0:
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class FMBCModel(nn.Module):
+    def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        if config.input_mode == "learned":
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
+            )
+        else:
+            self.embed_tokens = FixedCodeInput(config.binary_code())
+        self.dtype = torch.get_default_dtype()  # SGLang builds the model under the serving dtype
+        self.layers = nn.ModuleList(
+            FMBCDecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
+            for i in range(config.num_hidden_layers)
+        )
+        self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
+        self.norm = make_norm(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_embeds is None:
+            hidden_states, residual = self.input_stage(input_ids, self.dtype)
+        else:
+            hidden_states, residual = self.input_stage.from_embeddings(input_embeds)
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, forward_batch)
+        return add_norm(self.norm, hidden_states, residual)[0]
+
+
+class FMBCForCausalLM(nn.Module):
+    """SGLang entry class; its name must equal `architectures[0]` of FMBC checkpoints."""
+
+    def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.quant_config = quant_config
+        self.model = FMBCModel(config, quant_config, prefix=add_prefix("model", prefix))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
+        )
+        self.logits_processor = LogitsProcessor(config)
+
+    def get_input_embeddings(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What SGLang calls to embed ids itself (token-embedding overrides, context parallelism)."""
+        return lambda input_ids: self.model.input_stage.embed(input_ids, self.model.dtype)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        hidden_states = self.model(input_ids, positions, forward_batch, input_embeds)
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_canonical_weights(self, weights, self.config, default_weight_loader)
+
+
+EntryClass = FMBCForCausalLM
