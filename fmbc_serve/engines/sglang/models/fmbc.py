@@ -1,7 +1,9 @@
 """FMBC for SGLang: the reference decoder (fmbc_serve.modeling_fmbc) on SGLang's serving layers.
 
 In the style of SGLang's gpt_j.py / llama.py: tensor-parallel linears with fused q/k/v, RadixAttention over the
-paged KV cache, ParallelLMHead and LogitsProcessor, layers passing `(hidden_states, residual)`. Token ids enter
+paged KV cache, ParallelLMHead and LogitsProcessor, layers passing `(hidden_states, residual)`, and pipeline
+parallelism as SGLang's orion.py / llama.py have it (`make_pp_layers`, `PPMissingLayer`, the pair sent between
+stages as `PPProxyTensors`). Token ids enter
 through the reference's `FMBCInputStage` (fixed code, no V×d table, or a VocabParallelEmbedding in `learned`
 mode; fused with layer 0's norm where the Triton kernel runs). Ids are validated per request by
 `fmbc_serve.engines.sglang.plugin`, so the hot path does no range check (it would force a device sync every
@@ -20,11 +22,12 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, PPProxyTensors
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.runtime_context import get_parallel
-from sglang.srt.utils import add_prefix
+from sglang.srt.utils import add_prefix, make_pp_layers
 from torch import nn
 
 from fmbc_serve.binary_code import FixedCodeInput
@@ -162,19 +165,24 @@ class FMBCDecoderLayer(nn.Module):
 class FMBCModel(nn.Module):
     def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        if config.input_mode == "learned":
+        self.pp_group = get_parallel().pp_group
+        if not self.pp_group.is_first_rank:
+            self.embed_tokens = PPMissingLayer()
+        elif config.input_mode == "learned":
             self.embed_tokens = VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
             )
         else:
             self.embed_tokens = FixedCodeInput(config.binary_code())
         self.dtype = torch.get_default_dtype()  # SGLang builds the model under the serving dtype
-        self.layers = nn.ModuleList(
-            FMBCDecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
-            for i in range(config.num_hidden_layers)
+        self.layers, self.start_layer, self.end_layer = make_pp_layers(
+            config.num_hidden_layers,
+            lambda idx, prefix: FMBCDecoderLayer(config, idx, quant_config, prefix=prefix),
+            prefix=add_prefix("layers", prefix),
         )
-        self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
-        self.norm = make_norm(config)
+        if self.pp_group.is_first_rank:
+            self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
+        self.norm = make_norm(config) if self.pp_group.is_last_rank else PPMissingLayer()
 
     def forward(
         self,
@@ -182,13 +190,18 @@ class FMBCModel(nn.Module):
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
         input_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if input_embeds is None:
+        pp_proxy_tensors: PPProxyTensors | None = None,
+    ) -> torch.Tensor | PPProxyTensors:
+        if not self.pp_group.is_first_rank:
+            hidden_states, residual = pp_proxy_tensors["hidden_states"], pp_proxy_tensors["residual"]
+        elif input_embeds is None:
             hidden_states, residual = self.input_stage(input_ids, self.dtype)
         else:
             hidden_states, residual = self.input_stage.from_embeddings(input_embeds)
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, forward_batch)
+        for i in range(self.start_layer, self.end_layer):
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual, forward_batch)
+        if not self.pp_group.is_last_rank:
+            return PPProxyTensors({"hidden_states": hidden_states, "residual": residual})
         return add_norm(self.norm, hidden_states, residual)[0]
 
 
@@ -199,11 +212,22 @@ class FMBCForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.quant_config = quant_config
+        self.pp_group = get_parallel().pp_group
         self.model = FMBCModel(config, quant_config, prefix=add_prefix("model", prefix))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
-        )
-        self.logits_processor = LogitsProcessor(config)
+        if self.pp_group.is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                          prefix=add_prefix("lm_head", prefix))
+            self.logits_processor = LogitsProcessor(config)
+        else:
+            self.lm_head = PPMissingLayer()
+
+    @property
+    def start_layer(self) -> int:
+        return self.model.start_layer
+
+    @property
+    def end_layer(self) -> int:
+        return self.model.end_layer
 
     def get_input_embeddings(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """What SGLang calls to embed ids itself (token-embedding overrides, context parallelism)."""
@@ -216,13 +240,19 @@ class FMBCForCausalLM(nn.Module):
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
         input_embeds: torch.Tensor | None = None,
+        pp_proxy_tensors: PPProxyTensors | None = None,
         **kwargs,
     ):
-        hidden_states = self.model(input_ids, positions, forward_batch, input_embeds)
+        hidden_states = self.model(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
+        if not self.pp_group.is_last_rank:
+            return hidden_states
         return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_canonical_weights(self, weights, self.config, default_weight_loader)
+        """The shared policy; parameters of other pipeline stages are checked, not loaded."""
+        params = dict(self.named_parameters())
+        return load_canonical_weights(self, weights, self.config, default_weight_loader,
+                                      is_elsewhere=lambda name: name not in params)
 
 
 EntryClass = FMBCForCausalLM
