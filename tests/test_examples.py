@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from servers import free_port, running_server
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -28,6 +29,10 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: int = 60
     return result.stdout
 
 
+# The request on the model card, verbatim apart from the model name.
+MODEL_CARD_REQUEST = {"model": "fmbc", "prompt": "Once upon a time,", "max_tokens": 512, "temperature": 0.5}
+
+
 @pytest.fixture(scope="module")
 def fmbc_serve(tmp_path_factory):
     """`fmbc serve` with no model argument: the embedded default model, through vLLM on this CPU."""
@@ -38,6 +43,31 @@ def fmbc_serve(tmp_path_factory):
     log = tmp_path_factory.mktemp("fmbc-serve") / "serve.log"
     with running_server([bin_path("fmbc"), "serve", "--port", str(port)], port, log) as base_url:
         yield base_url, log
+
+
+def assert_model_card_request_answered(base_url: str) -> None:
+    """The card's request answers 200 with 512 tokens of English (the embedded model has a 1,024-token context)."""
+    reply = requests.post(base_url + "/v1/completions", json=MODEL_CARD_REQUEST, timeout=600)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["usage"]["completion_tokens"] == 512, body["usage"]
+    assert len(ENGLISH.findall(body["choices"][0]["text"])) >= 50, body["choices"][0]["text"]
+
+
+@pytest.mark.vllm
+def test_fmbc_serve_answers_the_model_card_request(fmbc_serve) -> None:
+    assert_model_card_request_answered(fmbc_serve[0])
+
+
+@pytest.mark.sglang
+def test_fmbc_serve_sglang_answers_the_model_card_request(tmp_path) -> None:
+    from conftest import require
+
+    require("sglang")
+    port = free_port()
+    command = [bin_path("fmbc"), "serve", "--engine", "sglang", "--port", str(port)]
+    with running_server(command, port, tmp_path / "serve.log") as base_url:
+        assert_model_card_request_answered(base_url)
 
 
 @pytest.mark.vllm
