@@ -184,14 +184,9 @@ class FMBCModel(nn.Module):
             self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
         self.norm = make_norm(config) if self.pp_group.is_last_rank else PPMissingLayer()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        input_embeds: torch.Tensor | None = None,
-        pp_proxy_tensors: PPProxyTensors | None = None,
-    ) -> torch.Tensor | PPProxyTensors:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None,
+                pp_proxy_tensors: PPProxyTensors | None = None) -> torch.Tensor | PPProxyTensors:
         if not self.pp_group.is_first_rank:
             hidden_states, residual = pp_proxy_tensors["hidden_states"], pp_proxy_tensors["residual"]
         elif input_embeds is None:
