@@ -49,6 +49,10 @@ class CodeTables(NamedTuple):
     bit_counts: torch.Tensor  # [K]: how many width positions hold each bit (the kernel's closed-form statistics)
     affine_rows: torch.Tensor  # [K]: A's rows as bitmasks, or [0] without an affine map
 
+    def to(self, device: torch.device | str) -> CodeTables:
+        """The same tables on `device`."""
+        return CodeTables(*(table.to(device) for table in self))
+
 
 def code_bits(vocab_size: int) -> int:
     """K = ceil(log2 V): the fewest bits that give every id in [0, V) its own code."""
@@ -208,8 +212,8 @@ class BinaryCode:
         Equal to `lift(encode(ids))` (tested), computed in one step from `tables()`."""
         if check:
             self.check_ids(ids)
-        tables = CodeTables(*(t.to(ids.device) for t in self.tables()))
-        return embed_code(ids, tables, self.affine_bias, self.low_value, self.high_value, dtype)
+        return embed_code(ids, self.tables().to(ids.device), self.affine_bias, self.low_value, self.high_value,
+                          dtype)
 
     def decode(self, lifted: torch.Tensor) -> torch.Tensor:
         """The exact inverse of `embed`: model input [..., d] -> token ids [...].

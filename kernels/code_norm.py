@@ -51,8 +51,7 @@ def code_tables(code: BinaryCode, device: torch.device) -> CodeTables:
 
 
 def _tables_on(code: BinaryCode, device: torch.device) -> CodeTables:
-    tables = code.tables()
-    return tables._replace(**{name: table.to(device) for name, table in tables._asdict().items()})
+    return code.tables().to(device)
 
 
 _cached_tables_on = functools.lru_cache(maxsize=64)(_tables_on)
