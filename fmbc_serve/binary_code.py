@@ -2,8 +2,9 @@
 
 A token id in [0, V) is written as its K = ceil(log2 V) bits, optionally recoded by an invertible affine map
 over GF(2) (c' = A·c ⊕ b), laid out in `lsb` or `msb` order, mapped to values {0, 1} or {-1, +1} times a
-scale, and lifted to the model width d with no parameters by tiling the whole code (`repeat`) or repeating
-each bit (`interleave`), truncated to d. Every engine path (reference model, vLLM, SGLang, Triton kernel)
+scale, and lifted to the model width d with no parameters by tiling the whole code (`repeat`), repeating
+each bit (`interleave`), truncated to d, or by an explicit per-position map (`map`, e.g. found by `fmbc import`
+in a foreign checkpoint). Every engine path (reference model, vLLM, SGLang, Triton kernel)
 calls this module or is tested against it.
 
 Conventions (also in docs/format.md):
@@ -11,7 +12,10 @@ Conventions (also in docs/format.md):
   c'_i = parity(A_i & c) ⊕ b_i, so c' is again an integer in [0, 2^K).
 - `lsb`: code position i holds bit i of c'. `msb`: position i holds bit K-1-i.
 - `repeat`: width position p holds code position p mod K. `interleave`: p holds code position p // r with
-  r = ceil(d / K); every code position must occur at least once (checked).
+  r = ceil(d / K). `map`: p holds code position lift_map[p]. Every code position must occur at least once
+  (checked), or two ids would share an input.
+- The two values are {0, s} (`zero_one`) or {-s, +s} (`sign`); s may be negative (a 1 bit then takes the
+  negative value), so a foreign code whose bits are stored flipped needs no affine map.
 
 This file imports only torch and the standard library: it is copied into checkpoint folders so that they
 load with `trust_remote_code=True` where fmbc_serve is not installed.
@@ -19,6 +23,7 @@ load with `trust_remote_code=True` where fmbc_serve is not installed.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,7 +33,7 @@ from torch import nn
 
 BIT_ORDERS = ("lsb", "msb")
 CODE_VALUES = ("zero_one", "sign")
-LIFT_LAYOUTS = ("repeat", "interleave")
+LIFT_LAYOUTS = ("repeat", "interleave", "map")
 
 
 class CodeError(ValueError):
@@ -117,6 +122,7 @@ class BinaryCode:
     layout: str = "interleave"
     affine_rows: tuple[int, ...] | None = None
     affine_bias: int = 0
+    lift_map: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         k = code_bits(self.vocab_size)
@@ -124,6 +130,16 @@ class BinaryCode:
         if not isinstance(self.width, int) or self.width < k:
             raise CodeError("width", f"width must be an integer >= K = {k} (every bit must reach the model), "
                                      f"got {self.width!r}")
+        if (self.layout == "map") != (self.lift_map is not None):
+            raise CodeError("lift_map", "lift_map is required with layout='map' and only used with it")
+        if self.lift_map is not None:
+            if len(self.lift_map) != self.width or any(
+                    not isinstance(p, int) or not 0 <= p < k for p in self.lift_map):
+                raise CodeError("lift_map", f"lift_map must hold width = {self.width} code positions in [0, {k})")
+            missing = sorted(set(range(k)) - set(self.lift_map))
+            if missing:
+                raise CodeError("lift_map", f"lift_map never uses code position(s) {missing}: ids differing only "
+                                            "there would share an input")
         if self.layout == "interleave" and (k - 1) * _ceil_div(self.width, k) >= self.width:
             raise CodeError("layout", f"interleave layout of K = {k} bits into width {self.width} truncates away "
                                       f"the last bit (each bit repeated ceil(width/K) = {_ceil_div(self.width, k)} "
@@ -184,6 +200,8 @@ class BinaryCode:
 
     def width_positions(self) -> torch.Tensor:
         """For each model-width position p, which code position it copies: shape [d]."""
+        if self.lift_map is not None:
+            return torch.tensor(self.lift_map, dtype=torch.int64)
         p = torch.arange(self.width, dtype=torch.int64)
         if self.layout == "repeat":
             return p % self.num_bits
@@ -260,11 +278,11 @@ def check_code_options(bit_order: str, values: str, scale: float, layout: str) -
         raise CodeError("values", f"values must be one of {CODE_VALUES}, got {values!r}")
     if layout not in LIFT_LAYOUTS:
         raise CodeError("layout", f"layout must be one of {LIFT_LAYOUTS}, got {layout!r}")
-    if not scale > 0:
-        raise CodeError("scale", f"scale must be > 0, got {scale!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
+        raise CodeError("scale", f"scale must be a finite non-zero number, got {scale!r}")
 
 
-def _parity(x: torch.Tensor) -> torch.Tensor:
+def bit_parity(x: torch.Tensor) -> torch.Tensor:
     """Parity of each non-negative int64 by xor-folding (the kernel does the same on int32)."""
     for shift in (32, 16, 8, 4, 2, 1):
         x = x ^ (x >> shift)
@@ -274,7 +292,7 @@ def _parity(x: torch.Tensor) -> torch.Tensor:
 def affine_recode(ids: torch.Tensor, affine_rows: torch.Tensor, bias: int) -> torch.Tensor:
     """c'_i = parity(A_i & c) ⊕ b_i for int64 ids, with A's rows as bitmasks [K]."""
     shifts = torch.arange(affine_rows.shape[0], device=ids.device)
-    return (_parity(ids.unsqueeze(-1) & affine_rows) << shifts).sum(-1) ^ bias
+    return (bit_parity(ids.unsqueeze(-1) & affine_rows) << shifts).sum(-1) ^ bias
 
 
 def embed_code(ids: torch.Tensor, tables: CodeTables, bias: int, low: float, high: float,

@@ -17,7 +17,8 @@ ACTIVATIONS = ("gelu", "gelu_tanh")
 # BinaryCode field -> the config field it comes from (CodeError.field names the former).
 CODE_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "bit_order": "code_bit_order",
                "values": "code_values", "scale": "code_scale", "layout": "code_layout",
-               "affine_rows": "affine_rows", "affine_bias": "affine_bias"}
+               "affine_rows": "affine_rows", "affine_bias": "affine_bias",
+               "lift_map": "code_lift_map"}
 
 
 class FMBCConfig(PretrainedConfig):
@@ -32,8 +33,10 @@ class FMBCConfig(PretrainedConfig):
         input_mode: `binary` (fixed code), `affine` (fixed code recoded by c' = A·c ⊕ b over GF(2)) or
             `learned` (the paper's baseline: a trainable V×d table, our comparison twin).
         code_bit_order: `lsb` or `msb` first. code_values: `zero_one` ({0,1}) or `sign` ({-1,+1}).
-        code_scale: factor applied to the code values. code_layout: `repeat` (tile the whole code) or
-            `interleave` (repeat each bit), truncated to d.
+        code_scale: factor applied to the code values (non-zero; negative flips which value a 1 bit takes).
+        code_layout: `repeat` (tile the whole code), `interleave` (repeat each bit), truncated to d, or `map`.
+        code_lift_map: with `map`, the code position each of the d width positions holds (written by `fmbc
+            import` when a foreign checkpoint lifts its bits in another fixed order).
         affine_rows: A as K row bitmasks (affine mode). affine_bias: b as a K-bit integer (affine mode).
         norm_type: `layernorm` (weight and bias) or `rmsnorm` (weight). norm_eps: its epsilon.
         attention_bias, mlp_bias: biases on the attention and MLP projections.
@@ -60,6 +63,7 @@ class FMBCConfig(PretrainedConfig):
         code_layout: str = "interleave",
         affine_rows: list[int] | None = None,
         affine_bias: int | None = None,
+        code_lift_map: list[int] | None = None,
         norm_type: str = "layernorm",
         norm_eps: float = 1e-5,
         attention_bias: bool = False,
@@ -88,6 +92,7 @@ class FMBCConfig(PretrainedConfig):
         self.code_layout = code_layout
         self.affine_rows = None if affine_rows is None else [int(r) for r in affine_rows]
         self.affine_bias = affine_bias
+        self.code_lift_map = None if code_lift_map is None else [int(p) for p in code_lift_map]
         self.norm_type = norm_type
         self.norm_eps = norm_eps
         self.attention_bias = attention_bias
@@ -170,4 +175,5 @@ class FMBCConfig(PretrainedConfig):
             layout=self.code_layout,
             affine_rows=tuple(self.affine_rows) if affine else None,
             affine_bias=self.affine_bias if affine else 0,
+            lift_map=None if self.code_lift_map is None else tuple(self.code_lift_map),
         )

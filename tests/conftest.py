@@ -24,6 +24,14 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
+def scrambled_lift_map(num_bits: int, width: int) -> tuple[int, ...]:
+    """A seeded `map`-layout lift that uses every bit, in neither tiled nor interleaved order."""
+    generator = torch.Generator().manual_seed(width)
+    rest = torch.randint(0, num_bits, (width - num_bits,), generator=generator)
+    positions = torch.cat([torch.arange(num_bits), rest])
+    return tuple(positions[torch.randperm(width, generator=generator)].tolist())
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     """One float32 `tiny` checkpoint per input mode: {"binary": dir, "affine": dir, "learned": dir}."""

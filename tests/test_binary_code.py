@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import scrambled_lift_map
 
 from fmbc_serve.binary_code import (
     BIT_ORDERS,
@@ -18,6 +19,11 @@ from fmbc_serve.binary_code import (
 )
 
 PAPER_V = 65536
+
+
+def lift_map_for(layout: str, width: int) -> tuple[int, ...] | None:
+    """The paper vocabulary's 16 bits under a scrambled map, for layout `map`."""
+    return scrambled_lift_map(16, width) if layout == "map" else None
 
 
 @pytest.mark.parametrize(("vocab", "bits"), [(2, 1), (3, 2), (4, 2), (5, 3), (512, 9), (8192, 13), (50257, 16),
@@ -38,7 +44,7 @@ def test_code_bits_rejects_degenerate_vocab(vocab) -> None:
 def test_round_trip_all_paper_ids(order: str, values: str, layout: str, affine_seed: int | None) -> None:
     rows, bias = random_affine(16, affine_seed) if affine_seed is not None else (None, 0)
     code = BinaryCode(PAPER_V, 64, order, values, 0.5 if values == "sign" else 1.0, layout,
-                      None if rows is None else tuple(rows), bias)
+                      None if rows is None else tuple(rows), bias, lift_map_for(layout, 64))
     ids = torch.arange(PAPER_V)
     lifted = code.embed(ids)
     assert lifted.shape == (PAPER_V, 64)
@@ -56,7 +62,7 @@ def test_round_trip_all_paper_ids_at_paper_width() -> None:
 @pytest.mark.parametrize("layout", LIFT_LAYOUTS)
 def test_round_trip_widths_not_divisible_by_k(width: int, layout: str) -> None:
     try:
-        code = BinaryCode(PAPER_V, width, layout=layout)
+        code = BinaryCode(PAPER_V, width, layout=layout, lift_map=lift_map_for(layout, width))
     except ValueError as err:  # interleave into 17 = 16 bits x 2 copies would cut off bits 9..15
         assert layout == "interleave" and "truncates away" in str(err)
         return
@@ -71,6 +77,24 @@ def test_lift_layouts_match_their_definition() -> None:
     assert code.embed(torch.tensor(0b0011)).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
     code = BinaryCode(16, 4, values="sign", scale=2.0)
     assert code.embed(torch.tensor(0b0101)).tolist() == [2, -2, 2, -2]
+    code = BinaryCode(16, 6, layout="map", lift_map=(3, 0, 0, 2, 1, 3))  # any fixed map that uses every bit
+    assert code.embed(torch.tensor(0b1001)).tolist() == [1, 1, 1, 0, 0, 1]
+    code = BinaryCode(16, 4, values="zero_one", scale=-0.5)  # a negative scale: a 1 bit takes -0.5
+    assert code.embed(torch.tensor(0b0011)).tolist() == [-0.5, -0.5, 0, 0]
+    assert code.decode(code.embed(torch.arange(16))).tolist() == list(range(16))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"layout": "map"}, "lift_map is required"),
+    ({"lift_map": (0, 1, 2, 3)}, "only used with it"),
+    ({"layout": "map", "lift_map": (0, 1, 2)}, "must hold width = 4"),
+    ({"layout": "map", "lift_map": (0, 1, 2, 4)}, "must hold width = 4"),
+    ({"layout": "map", "lift_map": (0, 1, 2, 2)}, r"never uses code position\(s\) \[3\]"),
+    ({"scale": float("inf")}, "finite non-zero"),
+])
+def test_bad_lift_maps_and_scales_are_rejected(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BinaryCode(16, 4, **options)
 
 
 @pytest.mark.parametrize("bad", [PAPER_V, -1, 1 << 40])

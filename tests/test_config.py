@@ -22,6 +22,8 @@ def test_defaults_are_the_paper_shape() -> None:
     ({"code_bit_order": "big"}, "code_bit_order"),
     ({"code_values": "pm1"}, "code_values"),
     ({"code_layout": "tile"}, "code_layout"),
+    ({"code_layout": "map"}, "code_lift_map"),
+    ({"code_layout": "map", "code_lift_map": [0] * 1024}, "code_lift_map"),
     ({"code_scale": 0}, "code_scale"),
     ({"norm_type": "batchnorm"}, "norm_type"),
     ({"norm_eps": 0}, "norm_eps"),

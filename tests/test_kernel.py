@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import scrambled_lift_map  # noqa: E402
 from fmbc_kernels import (  # noqa: E402
     code_norm,
     code_norm_triton,
@@ -36,12 +37,14 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # rtol = atol: ~2 ulp
 NUM_BITS = (1, 9, 16, 24)
 WIDTHS = (64, 1000, 1024)
-LAYOUTS = ("repeat", "interleave")
+LAYOUTS = ("repeat", "interleave", "map")
 
 
 def make_code(num_bits: int, width: int, layout: str, affine: bool = False, vocab_size: int | None = None,
               **options) -> BinaryCode:
     rows, bias = random_affine(num_bits, seed=num_bits * 7 + width) if affine else (None, 0)
+    if layout == "map":
+        options["lift_map"] = scrambled_lift_map(num_bits, width)
     return BinaryCode(vocab_size or 2**num_bits, width, layout=layout,
                       affine_rows=None if rows is None else tuple(rows), affine_bias=bias, **options)
 
@@ -83,7 +86,7 @@ GRID = [(k, d, layout) for k, d, layout in itertools.product(NUM_BITS, WIDTHS, L
 @pytest.mark.parametrize(("case", "num_bits", "width", "layout"), [(i, *combo) for i, combo in enumerate(GRID)])
 def test_kernel_matches_reference_over_code_grid(case: int, num_bits: int, width: int, layout: str) -> None:
     code = make_code(num_bits, width, layout, affine=case % 2 == 1, bit_order=("lsb", "msb")[case // 2 % 2],
-                     values=("zero_one", "sign")[case // 4 % 2], scale=(1.0, 0.37)[case // 3 % 2])
+                     values=("zero_one", "sign")[case // 4 % 2], scale=(1.0, -0.37)[case // 3 % 2])
     dtype = DTYPES[case % 3]
     num_tokens = (1, 37, 300)[case // 5 % 3] if width <= 64 else (1, 64, 200)[case // 5 % 3]
     ids = boundary_ids(code, num_tokens, seed=case)
