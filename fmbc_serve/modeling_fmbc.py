@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -287,6 +287,14 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | int | None = None,
+                 *args, **kwargs):
+        """`GenerationMixin.generate`, also accepting the new-token count as the second positional argument
+        (`model.generate(input_ids, 3)`), as evaluation scripts for earlier frozen-embedding models call it."""
+        if isinstance(generation_config, int):
+            kwargs["max_new_tokens"], generation_config = generation_config, None
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
     def forward(
         self,
