@@ -5,6 +5,7 @@
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
+    fmbc import SRC --out DIR [--trust-remote-code]
     fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [ENGINE FLAGS...]
 """
 
@@ -114,6 +115,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import format_report, import_checkpoint
+
+    recognised = import_checkpoint(args.src, args.out, trust_remote_code=args.trust_remote_code)
+    print(format_report(recognised))
+    print(f"wrote {args.out}: proven equal to {args.src} (max |Δlogit| "
+          f"{recognised.proof['max_abs_delta_logit']:.2e}); serve it with: fmbc serve {args.out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -167,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an FMBC checkpoint (or its learned twin) on a text file")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("import", help="convert a foreign FMBC-family checkpoint (its own code and names) to "
+                                      "this format, proven equal on every id")
+    p.add_argument("src", help="checkpoint folder (or hub id) that AutoModelForCausalLM.from_pretrained loads")
+    p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running the checkpoint's own Python code (needed when it ships any)")
+    p.set_defaults(func=cmd_import)
 
     from .serve import add_arguments as add_serve_arguments
 

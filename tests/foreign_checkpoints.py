@@ -1,0 +1,46 @@
+"""Foreign FMBC-family checkpoints for the importer tests, written at test time.
+
+Each style in tests/foreign/ is someone else's code: its own configuration and modeling files, its own names
+and conventions. `write_foreign` copies them into a folder with random weights (seeded) and a character
+tokenizer, as a published checkpoint would be laid out; only `trust_remote_code=True` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+FOREIGN = Path(__file__).parent / "foreign"
+# style -> (folder, model_type, config class, model class)
+STYLES = {
+    "nanogpt": ("nanogpt_style", "nano_fmbc", "configuration_nano.NanoFMBCConfig", "modeling_nano.NanoFMBCForCausalLM"),
+    "meta": ("meta_style", "meta_fmbc", "configuration_meta.MetaFMBCConfig", "modeling_meta.MetaFMBCForCausalLM"),
+    "neox": ("neox_style", "neox_fmbc", "configuration_neox.NeoxFMBCConfig", "modeling_neox.NeoxFMBCForCausalLM"),
+}
+
+
+def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = True, **config_fields) -> str:
+    """A foreign checkpoint of `style` in `out` (config fields override the style's defaults)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fmbc_serve.tokenizer import build_char_tokenizer
+
+    folder, model_type, config_class, model_class = STYLES[style]
+    out.mkdir(parents=True)
+    for source in (FOREIGN / folder).glob("*.py"):
+        shutil.copyfile(source, out / source.name)
+    auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
+    (out / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": auto_map,
+                                                 "architectures": [model_class.split(".")[1]], **config_fields}))
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    model.save_pretrained(out)
+    tokenizer = build_char_tokenizer(config.vocab_size)
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -1,0 +1,220 @@
+"""`fmbc import` on foreign checkpoints written at test time in different coding styles: what it recognises,
+that the converted checkpoint computes the same model (checked here independently of the importer's own
+proof), that the model card's loading example runs on it, and that it refuses what it cannot import exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from foreign_checkpoints import write_foreign
+from safetensors.torch import load_file, save_file
+
+from fmbc_serve.cli import main
+from fmbc_serve.importer import REPORT_FILE, logits_of
+
+TEXTS = ["Question: What is FMBC?\nAnswer:", "In the beginning", "x = [1, 2, 3]"]
+
+
+def stock_neox(out: Path) -> str:
+    """A stock transformers GPT-NeoX (sequential residual, partial rotary) whose input table is a frozen binary
+    code: no code of its own, so it imports without --trust-remote-code."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from fmbc_serve.binary_code import BinaryCode
+    from fmbc_serve.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=512, hidden_size=72, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, rotary_pct=0.5, use_parallel_residual=False, hidden_act="gelu",
+                           max_position_embeddings=64, tie_word_embeddings=False)
+    model = GPTNeoXForCausalLM(config)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight.copy_(BinaryCode(512, 72, values="sign", bit_order="msb").embed(
+            torch.arange(512)))
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # non-trivial norms and biases
+                param.normal_(1.0 if "layernorm" in name and "weight" in name else 0.0, 0.1)
+    model.save_pretrained(out)
+    build_char_tokenizer(512).save_pretrained(out)
+    return str(out)
+
+
+# style -> (writer, needs --trust-remote-code, what the report must say)
+CASES = {
+    "nanogpt": (lambda out: write_foreign("nanogpt", out), True,
+                {"input_mode": "binary", "code_bit_order": "msb", "code_values": "sign", "code_scale": 0.5,
+                 "code_layout": "repeat", "norm_type": "layernorm", "hidden_act": "gelu", "rope_theta": 20000.0},
+                {"rotary": "interleaved", "rotary_dim": 8, "fused_order": "qkv"}),
+    "meta": (lambda out: write_foreign("meta", out), True,
+             {"input_mode": "affine", "code_layout": "map", "code_values": "zero_one", "code_scale": 2.0,
+              "norm_type": "rmsnorm", "norm_eps": 1e-6, "hidden_act": "gelu_tanh", "rope_theta": 500000.0},
+             {"rotary": "interleaved", "rotary_dim": 16}),
+    "neox": (lambda out: write_foreign("neox", out, chat_template=False), True,
+             {"input_mode": "learned", "norm_type": "layernorm", "hidden_act": "gelu", "attention_bias": True},
+             {"rotary": "rotate_half", "rotary_dim": 4, "fused_order": "per_head"}),
+    "stock-neox": (stock_neox, False,
+                   {"input_mode": "binary", "code_bit_order": "msb", "code_values": "sign",
+                    "code_layout": "interleave"},
+                   {"rotary": "rotate_half", "fused_order": "per_head"}),
+}
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_import(capsys, src: str, out: Path, trust: bool) -> tuple[int, str]:
+    argv = ["import", src, "--out", str(out)] + (["--trust-remote-code"] if trust else [])
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Every style written and imported once: {style: (source dir, imported dir)}."""
+    from fmbc_serve.importer import import_checkpoint
+
+    root = tmp_path_factory.mktemp("import")
+    result = {}
+    for style, (write, trust, _, _) in CASES.items():
+        src = write(root / style)
+        import_checkpoint(src, root / f"{style}-fmbc", trust_remote_code=trust, progress=False)
+        result[style] = (src, str(root / f"{style}-fmbc"))
+    return result
+
+
+@pytest.mark.parametrize("style", CASES)
+def test_import_recognises_the_style(imported, style: str) -> None:
+    _, out = imported[style]
+    report = json.loads((Path(out) / REPORT_FILE).read_text())
+    _, _, config_fields, attention = CASES[style]
+    assert {k: report["config"][k] for k in config_fields} == config_fields
+    assert {k: report["attention"][k] for k in attention} == attention
+    proof = report["proof"]
+    print(f"\n{style}: {report['config']['input_mode']}, {report['attention']}, proof {proof}")
+    assert proof["max_abs_delta_logit"] <= 1e-4 and proof["greedy_next_token_disagreements"] == 0
+    assert proof["single_token_ids"] == report["config"]["vocab_size"]
+    assert proof["greedy_continuations"].startswith("3/3")
+
+
+@pytest.mark.parametrize("style", CASES)
+def test_imported_checkpoint_computes_the_foreign_model(imported, style: str) -> None:
+    """Independent of the importer's proof: both load as users load them; logits and greedy tokens agree, the
+    model card's `generate` calls run, the tokenizer gives the same ids and a chat template is there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = imported[style]
+    trust = CASES[style][1]
+    foreign = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    vocab = ours.config.vocab_size
+    ids = torch.randint(0, vocab, (2, ours.config.max_position_embeddings), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert (logits_of(foreign, ids) - ours(ids).logits).abs().max() <= 1e-4
+    src_tok, out_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert out_tok(text).input_ids == src_tok(text).input_ids
+    assert out_tok.chat_template
+    prompt = out_tok(TEXTS[0], return_tensors="pt").input_ids
+    by_keyword = ours.generate(prompt, max_new_tokens=3, do_sample=False)
+    by_position = ours.generate(prompt, 3)  # evaluation scripts pass the count positionally
+    expected = prompt
+    for _ in range(3):
+        with torch.no_grad():
+            expected = torch.cat([expected, logits_of(foreign, expected)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(by_keyword, expected) and torch.equal(by_position, expected)
+
+
+def test_cli_prints_the_table_and_inspect_accepts_the_result(capsys, tmp_path: Path) -> None:
+    src = write_foreign("nanogpt", tmp_path / "src", seed=3)
+    status, output = run_import(capsys, src, tmp_path / "out", trust=True)
+    assert status == 0, output
+    for line in ("input code", "binary: order=msb values=sign scale=0.5 layout=repeat", "interleaved pairs",
+                 "name transformer.h.{i}.attn.c_attn", "proof max_abs_delta_logit", "fmbc serve"):
+        assert line in output
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+
+
+def test_custom_code_needs_the_flag(capsys, tmp_path: Path) -> None:
+    src = write_foreign("meta", tmp_path / "src")
+    before = fingerprint(Path(src))
+    status, output = run_import(capsys, src, tmp_path / "out", trust=False)
+    assert status == 2
+    assert "ships its own model code (configuration_meta.py, modeling_meta.py)" in output
+    assert "--trust-remote-code" in output
+    assert not (tmp_path / "out").exists() and fingerprint(Path(src)) == before
+
+
+@pytest.mark.parametrize("damage", ["odd value", "flipped bit"])
+def test_a_table_that_is_almost_a_code_is_refused(capsys, tmp_path: Path, damage: str) -> None:
+    src = Path(write_foreign("meta", tmp_path / "src"))
+    weights = load_file(src / "model.safetensors")
+    codes = weights["codes"]
+    if damage == "odd value":
+        codes[17, 5] = 0.5
+    else:
+        codes[17, 5] = 2.0 - codes[17, 5]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    before = fingerprint(src)
+    status, output = run_import(capsys, str(src), tmp_path / "out", trust=True)
+    assert status == 2
+    assert "except at id(s) 17" in output and "damaged code" in output
+    assert not (tmp_path / "out").exists() and fingerprint(src) == before
+
+
+def test_a_model_not_of_this_family_is_refused(capsys, tmp_path: Path) -> None:
+    """GPT-2: learned absolute positions, no rotary attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fmbc_serve.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                               initializer_range=0.2)).save_pretrained(tmp_path / "gpt2")
+    build_char_tokenizer(512).save_pretrained(tmp_path / "gpt2")
+    status, output = run_import(capsys, str(tmp_path / "gpt2"), tmp_path / "out", trust=False)
+    assert status == 2
+    assert "matches no supported convention" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_that_does_something_else_fails_the_proof_and_names_it(capsys, tmp_path: Path) -> None:
+    src = write_foreign("meta", tmp_path / "src", sharper_layer=1)
+    status, output = run_import(capsys, src, tmp_path / "out", trust=True)
+    assert status == 2
+    assert "does not reproduce the source" in output and "layer 1's output first differs" in output
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
+
+
+def test_a_checkpoint_whose_code_fails_to_load_is_refused(tmp_path: Path) -> None:
+    """Run as users run it (a fresh process: transformers caches remote code per process)."""
+    src = Path(write_foreign("nanogpt", tmp_path / "broken"))
+    modeling = src / "modeling_nano.py"
+    modeling.write_text("import flash_attn_17  # noqa\n" + modeling.read_text())
+    fmbc = str(Path(sys.executable).parent / "fmbc")
+    result = subprocess.run([fmbc, "import", str(src), "--out", str(tmp_path / "out"), "--trust-remote-code"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "fmbc import: error:" in result.stderr and "does not load with transformers" in result.stderr
+    assert "flash_attn_17" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_folder_is_not_overwritten(capsys, tmp_path: Path) -> None:
+    src = write_foreign("nanogpt", tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    status, output = run_import(capsys, src, tmp_path / "out", trust=True)
+    assert status == 2 and "not empty" in output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
