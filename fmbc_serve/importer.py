@@ -256,11 +256,14 @@ def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor
     return streams
 
 
-def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, chunk: int = 4096) -> torch.Tensor:
+def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, progress: bool = False,
+                   chunk: int = 4096) -> torch.Tensor:
     """The first block's input for every id as a one-token sequence: [V, d], the foreign model's input code
     (whether a stored table or computed in `forward`)."""
+    from tqdm import tqdm
+
     rows = []
-    for start in range(0, vocab, chunk):
+    for start in tqdm(range(0, vocab, chunk), desc="observing the input of every id", disable=not progress):
         ids = torch.arange(start, min(vocab, start + chunk)).unsqueeze(1)
         rows.append(observe_stream(model, [first_block], ids, stop_after_first=True)[0][:, 0])
     return torch.cat(rows)
@@ -641,7 +644,8 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
                         "scalings are not of this family")
 
 
-def recognise(model: nn.Module, source: str) -> tuple[Recognised, FMBCConfig, dict[str, torch.Tensor]]:
+def recognise(model: nn.Module, source: str, progress: bool = False
+              ) -> tuple[Recognised, FMBCConfig, dict[str, torch.Tensor]]:
     """Solve a foreign model into our config and tensors (proven separately by `prove`)."""
     from .weights import canonical_tensors
 
@@ -657,7 +661,7 @@ def recognise(model: nn.Module, source: str) -> tuple[Recognised, FMBCConfig, di
     context = _config_value(model.config, CONTEXT_KEYS)
     if not isinstance(context, int):
         raise ImportRefused(f"the config names no context length (looked for {', '.join(CONTEXT_KEYS)})")
-    table = observe_inputs(model, block, vocab)
+    table = observe_inputs(model, block, vocab, progress)
     code_fields, code_note = solve_code(table)
     get = block.get_submodule
     norm_kind, eps = probe_norm(get(layout.attn_norm), width)
@@ -795,7 +799,7 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
     if out.exists() and any(out.iterdir()):
         raise ImportRefused(f"{out} exists and is not empty; choose a new folder")
     foreign, tokenizer = load_foreign(src, trust_remote_code)
-    recognised, config, tensors = recognise(foreign, src)
+    recognised, config, tensors = recognise(foreign, src, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -805,6 +809,7 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
             tokenizer.chat_template = CHAT_TEMPLATE
             recognised.names["(chat template)"] = "added (the source has none)"
         save_checkpoint(model.eval(), tokenizer, staging)
+        copy_tokenizer_code(src, staging)
         del model, tensors
         written = FMBCForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
         recognised.proof = prove(foreign, written, config.vocab_size, config.max_position_embeddings, progress)
@@ -816,6 +821,15 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
         if staging.exists():
             shutil.rmtree(staging)
     return recognised
+
+
+def copy_tokenizer_code(src: str, out: Path) -> None:
+    """A tokenizer with code of its own keeps it: copy the modules its saved `auto_map` names from SRC."""
+    saved = out / "tokenizer_config.json"
+    auto_map = json.loads(saved.read_text()).get("auto_map") if saved.is_file() else None
+    if auto_map and Path(src).is_dir():
+        for module in {ref.rpartition("--")[2].split(".")[0] for ref in _auto_map_refs(auto_map)}:
+            shutil.copyfile(Path(src) / f"{module}.py", out / f"{module}.py")
 
 
 def format_report(recognised: Recognised) -> str:
