@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -606,7 +606,8 @@ def _rotary_pct(rotary_dim: int, head_dim: int) -> float:
 def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout, fields: dict,
                         streams: list[torch.Tensor], activations: list[str]) -> tuple[Attention, str]:
     """The attention conventions (and activation, if probing left two) under which our block, run on the
-    foreign first block's input, gives the foreign block's output."""
+    foreign first block's input, gives the foreign block's output. Bases come from buffers, the config and
+    common values; if none fits, the base of the closest candidate is fitted by a search over log(theta)."""
     from .weights import canonical_tensors
 
     width = fields["hidden_size"]
@@ -616,32 +617,69 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
     x, target = streams[0], streams[1]
     positions = torch.arange(x.shape[1]).unsqueeze(0)
     mask = causal_mask(x.shape[1], 0, None, x.device)
-    best: tuple[float, Attention | None, str] = (math.inf, None, "")
-    for heads, act in itertools.product(heads_options, activations):
-        config = FMBCConfig(**{**fields, "num_attention_heads": heads, "hidden_act": act, "num_hidden_layers": 1,
-                               "input_mode": "learned"})
+
+    def block_error(layer: FMBCDecoderLayer, heads: int, dim: int, theta: float) -> float:
+        rope = FMBCConfig(**{**fields, "num_attention_heads": heads, "rope_theta": theta,
+                             "rotary_pct": _rotary_pct(dim, width // heads), "input_mode": "learned"})
+        with torch.no_grad():
+            hidden, residual = layer(torch.zeros_like(x), x, FMBCRotaryEmbedding(rope)(positions), mask, None)
+        return float((hidden + residual - target).abs().max()) / max(1.0, float(target.abs().max()))
+
+    def loaded_layer(conv: Attention, act: str) -> FMBCDecoderLayer:
+        config = FMBCConfig(**{**fields, "num_attention_heads": conv.heads, "hidden_act": act,
+                               "num_hidden_layers": 1, "input_mode": "learned"})
         layer = FMBCDecoderLayer(config, layer_idx=1).eval()  # an index > 0 normalises its own input
         expected = {k.removeprefix("model.layers.0."): shape for k, shape in canonical_tensors(config).items()
                     if k.startswith("model.layers.0.")}
-        dims, thetas = rotary_candidates(model, config.head_dim)
-        for order, rotary, dim in itertools.product(("qkv", "per_head") if len(layout.qkv) == 1 else ("qkv",),
-                                                    ("rotate_half", "interleaved"), dims):
-            converted = convert_block(block, layout, Attention(heads, order, rotary, dim, 0.0), width, "")
-            layer.load_state_dict(complete({k.removeprefix("."): v for k, v in converted.items()}, expected))
+        converted = convert_block(block, layout, conv, width, "")
+        layer.load_state_dict(complete({k.removeprefix("."): v for k, v in converted.items()}, expected))
+        return layer
+
+    best: tuple[float, Attention | None, str] = (math.inf, None, "")
+    for heads in heads_options:  # the configured count first: usually it is the only one tried
+        best_here: tuple[float, Attention | None, str] = (math.inf, None, "")
+        dims, thetas = rotary_candidates(model, width // heads)
+        for act, order, rotary, dim in itertools.product(activations, ("qkv", "per_head") if len(layout.qkv) == 1
+                                                         else ("qkv",), ("rotate_half", "interleaved"), dims):
+            layer = loaded_layer(Attention(heads, order, rotary, dim, 0.0), act)
             for theta in thetas:
-                rope = FMBCConfig(**{**fields, "num_attention_heads": heads, "rope_theta": theta,
-                                     "rotary_pct": _rotary_pct(dim, config.head_dim), "input_mode": "learned"})
-                with torch.no_grad():
-                    hidden, residual = layer(torch.zeros_like(x), x, FMBCRotaryEmbedding(rope)(positions), mask, None)
-                error = float((hidden + residual - target).abs().max()) / max(1.0, float(target.abs().max()))
-                if error < best[0]:
-                    best = (error, Attention(heads, order, rotary, dim, theta), act)
+                error = block_error(layer, heads, dim, theta)
+                if error < best_here[0]:
+                    best_here = (error, Attention(heads, order, rotary, dim, theta), act)
                 if error <= 1e-5:
-                    return best[1], act
+                    return best_here[1], act
+        conv, act = best_here[1], best_here[2]
+        layer = loaded_layer(conv, act)
+        theta = _fit_theta(lambda t, layer=layer, conv=conv: block_error(layer, conv.heads, conv.rotary_dim, t))
+        if block_error(layer, conv.heads, conv.rotary_dim, theta) <= 1e-5:
+            return Attention(conv.heads, conv.fused_order, conv.rotary, conv.rotary_dim, theta), act
+        best = min(best, best_here, key=lambda candidate: candidate[0])
     raise ImportRefused(f"the first block matches no supported convention (pre-norm attention with rotary "
                         f"positions, then a GELU MLP); closest: {best[1]} with {best[2]}, relative error "
                         f"{best[0]:.1e}. Learned absolute positions, parallel residuals or other attention "
                         "scalings are not of this family")
+
+
+def _fit_theta(error: Callable[[float], float]) -> float:
+    """The rotary base in [10, 1e8] minimising `error`: a log grid, then golden-section refinement, then the
+    shortest decimal that still fits."""
+    grid = [10 ** (1 + 7 * i / 70) for i in range(71)]
+    errors = [error(t) for t in grid]
+    i = min(range(len(grid)), key=errors.__getitem__)
+    lo, hi = math.log(grid[max(0, i - 1)]), math.log(grid[min(len(grid) - 1, i + 1)])
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if error(math.exp(a)) < error(math.exp(b)):
+            hi = b
+        else:
+            lo = a
+    theta = math.exp((lo + hi) / 2)
+    for digits in range(1, 8):  # the shortest decimal that fits to the same tolerance
+        rounded = float(f"{theta:.{digits}g}")
+        if error(rounded) <= 1e-5:
+            return rounded
+    return theta
 
 
 def recognise(model: nn.Module, source: str, progress: bool = False

@@ -218,3 +218,14 @@ def test_an_existing_output_folder_is_not_overwritten(capsys, tmp_path: Path) ->
     status, output = run_import(capsys, src, tmp_path / "out", trust=True)
     assert status == 2 and "not empty" in output
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_a_rotary_base_named_nowhere_is_found_by_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide the nanoGPT fixture's base (20,000, config key `rope_base`) from every hint: the fit finds it."""
+    from fmbc_serve import importer
+
+    monkeypatch.setattr(importer, "THETA_KEYS", ())
+    monkeypatch.setattr(importer, "COMMON_THETAS", (10000.0,))
+    src = write_foreign("nanogpt", tmp_path / "src")
+    recognised = importer.import_checkpoint(src, tmp_path / "out", trust_remote_code=True, progress=False)
+    assert recognised.attention["theta"] == 20000.0 and recognised.attention["rotary"] == "interleaved"
