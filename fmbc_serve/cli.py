@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "serve":
-        args.engine_args = unknown  # flags for the engine's own server
+        from .serve import split_engine_args
+
+        args.engine_args = split_engine_args(args, unknown, sys.argv[1:] if argv is None else argv)
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func: Callable[[argparse.Namespace], int] = args.func
