@@ -5,7 +5,7 @@
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
-    fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [ENGINE FLAGS...]
+    fmbc serve [DIR] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY] [ENGINE FLAGS...]
 """
 
 from __future__ import annotations

@@ -53,10 +53,11 @@ METRICS = {
     "vllm": ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
              "vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_bucket",
-             "vllm:time_to_first_token_seconds_bucket", "vllm:request_success_total"],
+             "vllm:time_to_first_token_seconds_bucket", "vllm:request_success_total", "http_requests_total"],
     "sglang": ["sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:cache_hit_rate",
                "sglang:prompt_tokens_total", "sglang:generation_tokens_total",
-               "sglang:e2e_request_latency_seconds_bucket", "sglang:time_to_first_token_seconds_bucket"],
+               "sglang:e2e_request_latency_seconds_bucket", "sglang:time_to_first_token_seconds_bucket",
+               "sglang:http_responses_total"],
 }
 
 
@@ -209,6 +210,8 @@ def test_prefix_cache_and_chunked_prefill_match_the_reference(ops: Server, engin
 
 
 def test_metrics_are_scraped(ops: Server, engine: str) -> None:
+    """The series of docs/operations.md, after one request (SGLang creates its request series on the first)."""
+    assert ops.post("/v1/completions", {"model": ops.model, "prompt": "And God said,", "max_tokens": 4}).ok
     series = scrape(ops)
     names = {re.sub(r"\{.*", "", key) for key in series}
     print(f"\n{engine} /metrics: {len(names)} series names, e.g. {sorted(names)[:8]}")
