@@ -1,6 +1,6 @@
 """Check our engine classes against the newest released vLLM and SGLang, before users meet a newer engine.
 
-    python scripts/check_engine_releases.py [--engine vllm|sglang] [--work DIR] [--version X.Y.Z]
+    .venv/bin/python scripts/check_engine_releases.py [--engine vllm|sglang] [--work DIR] [--version X.Y.Z]
 
 For each engine it asks the package index (`pip index versions`) for the newest release, downloads that
 release's own wheel (`pip download --no-deps`: no torch, no CUDA libraries) and checks, against its files:
