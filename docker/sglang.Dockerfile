@@ -1,7 +1,7 @@
 # FMBC models in the official SGLang image (GPU). Build from the repository root:
 #   docker build -f docker/sglang.Dockerfile -t fmbc-serve-sglang .
-# SGLANG_VERSION defaults to the version CI tests (scripts/versions.sh; tests/test_docker.py checks that they
-# agree); --build-arg SGLANG_VERSION=... picks another release. scripts/build-image-buildah.sh builds this file
+# SGLANG_VERSION defaults to the version CI tests (fmbc_serve/versions.py; tests/test_docker.py checks that
+# they agree); --build-arg SGLANG_VERSION=... picks another release. scripts/build-image-buildah.sh builds this file
 # on a machine without Docker, against a local base image.
 # Serve a checkpoint mounted at /models/fmbc on port 30000 (docs/docker.md):
 #   docker run --gpus all --shm-size 32g --ipc=host -p 30000:30000 -v "$PWD/models/fmbc:/models/fmbc:ro" fmbc-serve-sglang
@@ -33,7 +33,9 @@ EXPOSE 30000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://localhost:30000/health', timeout=8).status != 200)"]
 
-# No wrapper entrypoint: `docker run IMAGE` serves /models/fmbc, and `docker run IMAGE python3 -m
-# sglang.launch_server --model-path ... --host 0.0.0.0 --port 30000` runs exactly the command given.
+# No wrapper entrypoint: `docker run IMAGE` runs `fmbc serve` (SGLang's server on all interfaces, as a container
+# must, with --enable-metrics for Prometheus /metrics and the engine's API-key check on when the container gets
+# FMBC_API_KEY), and `docker run IMAGE python3 -m sglang.launch_server --model-path ... --host 0.0.0.0 --port
+# 30000` runs exactly the command given.
 ENTRYPOINT []
-CMD ["python3", "-m", "sglang.launch_server", "--model-path", "/models/fmbc", "--served-model-name", "fmbc", "--host", "0.0.0.0", "--port", "30000"]
+CMD ["fmbc", "serve", "/models/fmbc", "--engine", "sglang", "--host", "0.0.0.0", "--port", "30000"]

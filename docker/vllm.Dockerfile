@@ -1,7 +1,7 @@
 # FMBC models in the official vLLM OpenAI image (GPU). Build from the repository root:
 #   docker build -f docker/vllm.Dockerfile -t fmbc-serve-vllm .
-# VLLM_VERSION defaults to the version CI tests (scripts/versions.sh; tests/test_docker.py checks that they
-# agree); --build-arg VLLM_VERSION=... picks another release. scripts/build-image-buildah.sh builds this file
+# VLLM_VERSION defaults to the version CI tests (fmbc_serve/versions.py; tests/test_docker.py checks that
+# they agree); --build-arg VLLM_VERSION=... picks another release. scripts/build-image-buildah.sh builds this file
 # on a machine without Docker, against a local base image.
 # Serve a checkpoint mounted at /models/fmbc on port 30000 (docs/docker.md):
 #   docker run --gpus all --shm-size 32g --ipc=host -p 30000:30000 -v "$PWD/models/fmbc:/models/fmbc:ro" fmbc-serve-vllm
@@ -32,8 +32,9 @@ EXPOSE 30000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://localhost:30000/health', timeout=8).status != 200)"]
 
-# The base image's ENTRYPOINT is `vllm serve`; it is reset so that `docker run IMAGE` serves /models/fmbc and
-# `docker run IMAGE python3 -m vllm.entrypoints.openai.api_server --model ... --port 30000` (or any other
-# command) runs exactly the command given.
+# The base image's ENTRYPOINT is `vllm serve`; it is reset so that `docker run IMAGE` runs `fmbc serve` (vLLM's
+# OpenAI server on all interfaces, as a container must; the engine's API-key check on when the container gets
+# FMBC_API_KEY; Prometheus /metrics) and `docker run IMAGE vllm serve ...` (or any other command) runs exactly
+# the command given.
 ENTRYPOINT []
-CMD ["vllm", "serve", "/models/fmbc", "--served-model-name", "fmbc", "--host", "0.0.0.0", "--port", "30000"]
+CMD ["fmbc", "serve", "/models/fmbc", "--engine", "vllm", "--host", "0.0.0.0", "--port", "30000"]

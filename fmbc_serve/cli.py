@@ -6,7 +6,7 @@
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
     fmbc import SRC --out DIR [--trust-remote-code]
-    fmbc serve [DIR] [--engine auto|vllm|sglang] [--port 30000] [ENGINE FLAGS...]
+    fmbc serve [DIR] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY] [ENGINE FLAGS...]
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "serve":
-        args.engine_args = unknown  # flags for the engine's own server
+        from .serve import split_engine_args
+
+        args.engine_args = split_engine_args(args, unknown, sys.argv[1:] if argv is None else argv)
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -1,4 +1,3 @@
-# The one place that states the engine versions CI tests; the Dockerfiles' ARG defaults are checked against it.
-VLLM_VERSION=0.32.0
-SGLANG_VERSION=0.5.23
-CORE_TORCH_VERSION=2.13.0
+# Engine versions CI tests, read from their one source, fmbc_serve/versions.py (also used by the plugins'
+# version check; tests/test_versions.py checks pyproject.toml's extras and the Docker files against it).
+eval "$(python3 "$(dirname "${BASH_SOURCE[0]}")/../fmbc_serve/versions.py")"

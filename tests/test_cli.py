@@ -72,3 +72,28 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
     result = fmbc("generate", str(tmp_path / "t"), "Hi", "--max-new-tokens", "300", check=False)
     assert result.returncode == 2 and "exceeds the context length 256" in result.stderr
+
+
+def serve_args(argv: list[str]):
+    """`fmbc ARGV` parsed as `fmbc serve` parses it, without starting an engine."""
+    from fmbc_serve.cli import build_parser
+    from fmbc_serve.serve import split_engine_args
+
+    args, unknown = build_parser().parse_known_args(argv)
+    args.engine_args = split_engine_args(args, unknown, argv)
+    return args
+
+
+def test_serve_defaults_are_safe_and_engine_flags_pass_through(tmp_path: Path, monkeypatch) -> None:
+    from fmbc_serve.serve import DEFAULT_MODEL
+
+    monkeypatch.delenv("FMBC_API_KEY", raising=False)
+    args = serve_args(["serve", "--dtype", "float32", "--enable-prefix-caching", "--max-num-batched-tokens", "64"])
+    assert args.host == "127.0.0.1" and args.api_key is None and args.model == str(DEFAULT_MODEL)
+    assert args.engine_args == ["--dtype", "float32", "--enable-prefix-caching", "--max-num-batched-tokens", "64"]
+    args = serve_args(["serve", str(tmp_path), "--host", "0.0.0.0", "--max-model-len", "128"])
+    assert args.model == str(tmp_path) and args.host == "0.0.0.0" and args.engine_args == ["--max-model-len", "128"]
+    monkeypatch.setenv("FMBC_API_KEY", "from-env")
+    from fmbc_serve.cli import build_parser
+
+    assert build_parser().parse_known_args(["serve"])[0].api_key == "from-env"

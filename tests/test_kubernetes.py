@@ -52,6 +52,11 @@ def test_worker_deployment_matches_the_image(engine: str) -> None:
     key = ENGINES[engine][1]
     assert container["image"] == f"fmbc-serve-{engine}:{versions()[key]}"
     assert container["args"] == default_command(dockerfile(engine))  # the image's own command, unchanged
+    (api_key,) = container["env"]
+    assert api_key["name"] == "FMBC_API_KEY" and api_key["valueFrom"]["secretKeyRef"]["optional"] is True
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == image_port(engine)
     port = image_port(engine)
     assert container["ports"] == [{"name": "http", "containerPort": port}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -14,17 +14,27 @@ the server keeps serving:
   `FMBC_MAX_SEQUENCES` (default 1024) sequences in one request (prompts × n): SGLang 0.5.23 accepts
   n = 100000 and then stops answering every later request.
 The limits are read from the environment on every request.
+
+An OpenAI request (completions, chat, streaming or not) that names a model this server does not serve gets
+HTTP 404 with vLLM's error body, listing the served name (SGLang 0.5.23 would serve it anyway, which behind a
+router that routes by model name serves the wrong model). Omitting `model` still picks the served model, and
+`served-name:adapter` (SGLang's LoRA syntax) is left to SGLang. Every rejection is logged once, as a WARNING
+line starting "fmbc-serve rejected request", with the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 DEFAULT_MAX_N = 64
 DEFAULT_MAX_SEQUENCES = 1024
 _TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+_OPENAI_SERVING = "sglang.srt.entrypoints.openai.serving_base.OpenAIServingBase"
+
+logger = logging.getLogger(__name__)
 
 _registered = False
 
@@ -82,12 +92,22 @@ def _num_prompts(obj: Any) -> int:
     return 1
 
 
+def log_rejection(request_id: Any, reason: str) -> None:
+    """The one log line of a request our hooks reject (the HTTP answer carries the same reason)."""
+    logger.warning("fmbc-serve rejected request %s: %s", request_id or "-", reason)
+
+
 def _before_validate_one_request(tokenizer_manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE hook on TokenizerManager._validate_one_request: every prompt, single or batched, text or ids,
     passes here with its final token ids, and a ValueError here becomes HTTP 400."""
     vocab_size = _fmbc_vocab_size(tokenizer_manager)
-    if vocab_size is not None:
+    if vocab_size is None:
+        return
+    try:
         check_token_ids(input_ids, vocab_size)
+    except ValueError as err:
+        log_rejection(getattr(obj, "rid", None), str(err))
+        raise
 
 
 def _around_generate_request(original: Callable, tokenizer_manager: Any, obj: Any, *args: Any,
@@ -99,11 +119,54 @@ def _around_generate_request(original: Callable, tokenizer_manager: Any, obj: An
 
     async def checked() -> AsyncIterator[Any]:
         if _fmbc_vocab_size(tokenizer_manager) is not None and hasattr(obj, "sampling_params"):
-            check_sample_counts(obj.sampling_params, _num_prompts(obj))
+            try:
+                check_sample_counts(obj.sampling_params, _num_prompts(obj))
+            except ValueError as err:
+                log_rejection(getattr(obj, "rid", None), str(err))
+                raise
         async for item in original(tokenizer_manager, obj, *args, **kwargs):
             yield item
 
     return checked()
+
+
+def unknown_model_error(requested: str, served: str) -> dict[str, Any]:
+    """vLLM's 404 body for a model it does not serve (`ErrorResponse` of vllm.entrypoints), naming the served
+    model too."""
+    return {"error": {"message": f"The model `{requested}` does not exist. This server serves `{served}`.",
+                      "type": "NotFoundError", "param": "model", "code": 404}}
+
+
+def _around_handle_request(original: Callable, serving: Any, request: Any, *args: Any,
+                           **kwargs: Any) -> Awaitable[Any]:
+    """AROUND hook on OpenAIServingBase.handle_request, the entry of every OpenAI endpoint (streaming too):
+    answers 404 before any work when the request names a model that is not served."""
+    from fastapi.responses import ORJSONResponse
+
+    tokenizer_manager = serving.tokenizer_manager
+    requested = getattr(request, "model", None)
+    named = "model" in getattr(request, "model_fields_set", ())
+    if named and requested and _fmbc_vocab_size(tokenizer_manager) is not None:
+        served = tokenizer_manager.served_model_name
+        base, _adapter = serving._parse_model_parameter(requested)
+        if base != served:
+            body = unknown_model_error(requested, served)
+            log_rejection(getattr(request, "rid", None), body["error"]["message"])
+
+            async def not_found() -> Any:
+                return ORJSONResponse(content=body, status_code=404)
+
+            return not_found()
+    return original(serving, request, *args, **kwargs)
+
+
+# (SGLang function or method, our hook, HookType name); scripts/check_engine_releases.py checks that every
+# target still exists in the newest SGLang release.
+HOOKS = (
+    (f"{_TOKENIZER_MANAGER}._validate_one_request", _before_validate_one_request, "BEFORE"),
+    (f"{_TOKENIZER_MANAGER}.generate_request", _around_generate_request, "AROUND"),
+    (f"{_OPENAI_SERVING}.handle_request", _around_handle_request, "AROUND"),
+)
 
 
 def register() -> None:
@@ -113,13 +176,17 @@ def register() -> None:
         return
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.version import __version__
+
+    from fmbc_serve.versions import warn_if_untested
+
+    warn_if_untested("sglang", __version__)
 
     # Importing our package also registers FMBCConfig with transformers' AutoConfig, which SGLang needs to
     # parse config.json (model_type "fmbc") in every process.
     from fmbc_serve.engines.sglang.models.fmbc import FMBCForCausalLM
 
     ModelRegistry.models[FMBCForCausalLM.__name__] = FMBCForCausalLM
-    HookRegistry.register(f"{_TOKENIZER_MANAGER}._validate_one_request", _before_validate_one_request,
-                          HookType.BEFORE)
-    HookRegistry.register(f"{_TOKENIZER_MANAGER}.generate_request", _around_generate_request, HookType.AROUND)
+    for target, hook, hook_type in HOOKS:
+        HookRegistry.register(target, hook, HookType[hook_type])
     _registered = True

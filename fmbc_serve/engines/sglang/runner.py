@@ -75,7 +75,8 @@ def completion_from_meta(meta: dict) -> Completion:
 
 def server_command(model: str, host: str, port: int, served_name: str, cuda: bool,
                    python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
-    """SGLang's own server command (with the CPU flags where there is no CUDA) and its extra environment."""
+    """SGLang's own server command (with the CPU flags where there is no CUDA) and its extra environment.
+    Prometheus `/metrics` is on, as it is by default in vLLM."""
     command = [python, "-m", "sglang.launch_server", "--model-path", model,
-               "--served-model-name", served_name, "--host", host, "--port", str(port)]
+               "--served-model-name", served_name, "--host", host, "--port", str(port), "--enable-metrics"]
     return command + ([] if cuda else cpu_server_flags()), {}

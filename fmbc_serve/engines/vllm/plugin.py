@@ -12,7 +12,12 @@ ARCHITECTURE = "FMBCForCausalLM"
 
 def register() -> None:
     """Make `FMBCForCausalLM` checkpoints servable by stock vLLM commands."""
+    import vllm
     from vllm import ModelRegistry
+
+    from fmbc_serve.versions import warn_if_untested
+
+    warn_if_untested("vllm", vllm.__version__)
 
     import fmbc_serve  # noqa: F401  (registers FMBCConfig with AutoConfig: config.json has model_type "fmbc")
 

