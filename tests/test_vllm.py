@@ -69,6 +69,17 @@ def test_load_errors_name_the_tensor(vllm, tiny_checkpoints: dict[str, str], tmp
         greedy(str(broken), [[1, 2, 3]], 2)
 
 
+def test_a_head_size_the_attention_backend_lacks_is_refused_at_start(vllm, tmp_path: Path) -> None:
+    """vLLM's CPU attention takes head sizes 32, 64, 80, ...; without our check a head_dim of 16 loads, then
+    the first request kills the engine."""
+    from fmbc_serve.checkpoint import init_checkpoint, make_config
+    from fmbc_serve.engines.vllm.runner import greedy
+
+    checkpoint = init_checkpoint(make_config("tiny", num_attention_heads=8), tmp_path / "head-dim-16")
+    with pytest.raises(Exception, match=r"attention supports head sizes \[32, .*\]; this checkpoint has head_dim 16"):
+        greedy(str(checkpoint), [[1, 2, 3]], 2)
+
+
 def test_fmbc_parity_command(vllm, tiny_checkpoints: dict[str, str]) -> None:
     from conftest import assert_parity_command_passes
 

@@ -77,6 +77,11 @@ class FMBCAttention(nn.Module):
         )
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn")
+        backend = self.attn.attn_backend
+        if not backend.supports_head_size(self.head_dim):  # else the first request kills the engine (CPU backend)
+            raise ValueError(f"vLLM's {backend.get_name()} attention supports head sizes "
+                             f"{backend.get_supported_head_sizes()}; this checkpoint has head_dim {self.head_dim} "
+                             f"(hidden_size {config.hidden_size} / {total_heads} heads)")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
