@@ -243,6 +243,19 @@ class FMBCForCausalLM(nn.Module):
             return hidden_states
         return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
 
+    def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
+        """(input, output) widths of a LoRA target, for SGLang's LoRA memory pool. Its default reads
+        `num_key_value_heads` and assumes a gated MLP, neither of which FMBC has: SGLang's LoRA loader stacks an
+        adapter's `up_proj` into a `gate_up_proj` of twice the width, so MLP adapters here may target
+        `down_proj` only."""
+        d, inner = self.config.hidden_size, self.config.intermediate_size
+        dims = {"qkv_proj": (d, 3 * d), "o_proj": (d, d), "down_proj": (inner, d),
+                "lm_head": (d, self.config.vocab_size)}
+        if module_name not in dims:
+            raise ValueError(f"LoRA on {module_name!r} is not supported for FMBC in SGLang; target "
+                             f"{', '.join(dims)} (q_proj/k_proj/v_proj/o_proj/down_proj/lm_head in PEFT names)")
+        return dims[module_name]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The shared policy; parameters of other pipeline stages are checked, not loaded."""
         params = dict(self.named_parameters())
