@@ -19,6 +19,7 @@ import torch
 from sglang.srt.layers.activation import get_act_fn
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.pooler import Pooler, PoolingType
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
@@ -213,6 +214,8 @@ class FMBCForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
                                           prefix=add_prefix("lm_head", prefix))
             self.logits_processor = LogitsProcessor(config)
+            # `--is-embedding`: the final norm's last-token state, L2-normalised, as llama.py pools.
+            self.pooler = Pooler(pooling_type=PoolingType.LAST, normalize=True)
         else:
             self.lm_head = PPMissingLayer()
 
@@ -236,11 +239,14 @@ class FMBCForCausalLM(nn.Module):
         forward_batch: ForwardBatch,
         input_embeds: torch.Tensor | None = None,
         pp_proxy_tensors: PPProxyTensors | None = None,
+        get_embedding: bool = False,
         **kwargs,
     ):
         hidden_states = self.model(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
         if not self.pp_group.is_last_rank:
             return hidden_states
+        if get_embedding:
+            return self.pooler(hidden_states, forward_batch)
         return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
 
     def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
