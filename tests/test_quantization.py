@@ -25,13 +25,17 @@ QUANT_TOLERANCE = 1e-2
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[str, str]:
     """(full-precision tiny checkpoint, its W8A8 copy)."""
+    import subprocess
+
     from fmbc_serve.checkpoint import init_checkpoint, make_config
-    from fmbc_serve.quantize import quantize_checkpoint
 
     require("compressed_tensors")
     root = tmp_path_factory.mktemp("quant")
     full = init_checkpoint(make_config("tiny"), root / "fp32", seed=0)
-    return str(full), str(quantize_checkpoint(full, root / "w8a8", "W8A8"))
+    fmbc = str(Path(sys.executable).parent / "fmbc")  # as docs/quantization.md has it
+    subprocess.run([fmbc, "quantize", str(full), "--out", str(root / "w8a8"), "--scheme", "W8A8"], check=True,
+                   timeout=300)
+    return str(full), str(root / "w8a8")
 
 
 @pytest.mark.vllm

@@ -258,8 +258,9 @@ class FMBCForCausalLM(nn.Module):
         dims = {"qkv_proj": (d, 3 * d), "o_proj": (d, d), "down_proj": (inner, d),
                 "lm_head": (d, self.config.vocab_size)}
         if module_name not in dims:
-            raise ValueError(f"LoRA on {module_name!r} is not supported for FMBC in SGLang; target "
-                             f"{', '.join(dims)} (q_proj/k_proj/v_proj/o_proj/down_proj/lm_head in PEFT names)")
+            raise ValueError(f"LoRA on {module_name!r} is not supported for FMBC in SGLang (SGLang reads an "
+                             "adapter's up_proj as half of a gated gate_up_proj, which FMBC does not have); "
+                             "target q_proj, k_proj, v_proj, o_proj, down_proj or lm_head")
         return dims[module_name]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
