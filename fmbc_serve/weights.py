@@ -66,14 +66,18 @@ def engine_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def quantized_layers(params: dict[str, nn.Parameter], expected: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
-    """Engine layer -> its parameter names, for every checkpoint linear whose quantization method made parameters
+def canonical_layers(expected: dict[str, tuple[int, ...]]) -> set[str]:
+    """Engine layers (fused qkv_proj included) that hold the checkpoint's canonical tensors."""
+    return {engine_name(name)[0].rpartition(".")[0] for name in expected}
+
+
+def quantized_layers(params: dict[str, nn.Parameter], known: set[str]) -> dict[str, list[str]]:
+    """Engine layer -> its parameter names, for every canonical layer whose quantization method made parameters
     other than weight/bias (scales, zero points, packed weights). Other quantization parameters (the attention's
     optional KV-cache scales) keep the engine's defaults, as the engines' own loaders leave them."""
-    linears = {engine_name(name)[0].rpartition(".")[0] for name in expected}
     layers: dict[str, list[str]] = {}
     for name in params:
-        if (layer := name.rpartition(".")[0]) in linears:
+        if (layer := name.rpartition(".")[0]) in known:
             layers.setdefault(layer, []).append(name)
     return {layer: names for layer, names in layers.items()
             if any(name.rpartition(".")[2] not in ("weight", "bias") for name in names)}
@@ -96,7 +100,8 @@ def load_canonical_weights(
     A bad tensor is skipped and reported with every other problem in one ValueError, before the engine runs."""
     expected = canonical_tensors(config)
     params = dict(model.named_parameters())
-    quantized = quantized_layers(params, expected)
+    known_layers = canonical_layers(expected)
+    quantized = quantized_layers(params, known_layers)
     found: dict[str, tuple[int, ...]] = {}
     quantized_elsewhere: set[str] = set()  # layers of other pipeline stages with quantized tensors
     loaded: set[str] = set()
@@ -123,7 +128,7 @@ def load_canonical_weights(
             filled.add((target, shard))
             continue
         if is_elsewhere(target):
-            if name not in expected:
+            if name not in expected and layer in known_layers:
                 quantized_elsewhere.add(layer)
             continue
         if expected.get(name) != found[name]:
