@@ -7,6 +7,7 @@
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
     fmbc import SRC --out DIR [--trust-remote-code]
     fmbc serve [DIR] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY] [ENGINE FLAGS...]
+    fmbc quantize DIR --out DIR [--scheme W8A8|W4A16]
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from err
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_checkpoint
+
+    quantize_checkpoint(args.dir, args.out, args.scheme)
+    print(f"wrote {args.out}: {args.scheme} (compressed-tensors), lm_head kept in full precision")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
@@ -192,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start vLLM's or SGLang's OpenAI server for a checkpoint (default: embedded)")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    from .quantize import SCHEMES
+
+    p = sub.add_parser("quantize", help="write a compressed-tensors quantized copy of a checkpoint (needs "
+                                        "compressed-tensors, installed with vLLM)")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scheme", choices=SCHEMES, default="W8A8")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

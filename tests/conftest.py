@@ -55,3 +55,23 @@ def assert_parity_command_passes(checkpoint: str, engine: str) -> None:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert f"{engine}: greedy tokens all equal" in result.stdout and "PASS" in result.stdout
+
+
+# PEFT target modules: every projection for vLLM; SGLang's LoRA reads `up_proj` as half of a gated MLP.
+LORA_TARGETS = {"vllm": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                "sglang": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}
+
+
+def make_lora_adapter(checkpoint: str, out_dir, seed: int, targets: list[str], rank: int = 8) -> str:
+    """A PEFT LoRA adapter on `targets` of the reference, with random (non-zero) A and B, so that it visibly
+    changes the model; saved as PEFT saves it. Returns its directory."""
+    from peft import LoraConfig, get_peft_model
+
+    from fmbc_serve.modeling_fmbc import FMBCForCausalLM
+
+    torch.manual_seed(seed)
+    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out_dir))
+    return str(out_dir)

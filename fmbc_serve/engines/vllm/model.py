@@ -29,7 +29,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
     extract_layer_index,
@@ -173,7 +173,12 @@ class FMBCModel(nn.Module):
         return add_norm(self.norm, hidden_states, residual)[0]
 
 
-class FMBCForCausalLM(nn.Module, SupportsPP):
+class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
+    # LoRA (and quantization configs) address q/k/v by their checkpoint names inside the fused qkv_proj.
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    # As in llama.py; a fixed-code input has no table, so there `embed_tokens` takes no adapter.
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: FMBCConfig = vllm_config.model_config.hf_config

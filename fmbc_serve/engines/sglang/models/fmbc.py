@@ -19,6 +19,7 @@ import torch
 from sglang.srt.layers.activation import get_act_fn
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.pooler import Pooler, PoolingType
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
@@ -213,6 +214,8 @@ class FMBCForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
                                           prefix=add_prefix("lm_head", prefix))
             self.logits_processor = LogitsProcessor(config)
+            # `--is-embedding`: the final norm's last-token state, L2-normalised, as llama.py pools.
+            self.pooler = Pooler(pooling_type=PoolingType.LAST, normalize=True)
         else:
             self.lm_head = PPMissingLayer()
 
@@ -236,12 +239,29 @@ class FMBCForCausalLM(nn.Module):
         forward_batch: ForwardBatch,
         input_embeds: torch.Tensor | None = None,
         pp_proxy_tensors: PPProxyTensors | None = None,
+        get_embedding: bool = False,
         **kwargs,
     ):
         hidden_states = self.model(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
         if not self.pp_group.is_last_rank:
             return hidden_states
+        if get_embedding:
+            return self.pooler(hidden_states, forward_batch)
         return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+    def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
+        """(input, output) widths of a LoRA target, for SGLang's LoRA memory pool. Its default reads
+        `num_key_value_heads` and assumes a gated MLP, neither of which FMBC has: SGLang's LoRA loader stacks an
+        adapter's `up_proj` into a `gate_up_proj` of twice the width, so MLP adapters here may target
+        `down_proj` only."""
+        d, inner = self.config.hidden_size, self.config.intermediate_size
+        dims = {"qkv_proj": (d, 3 * d), "o_proj": (d, d), "down_proj": (inner, d),
+                "lm_head": (d, self.config.vocab_size)}
+        if module_name not in dims:
+            raise ValueError(f"LoRA on {module_name!r} is not supported for FMBC in SGLang (SGLang reads an "
+                             "adapter's up_proj as half of a gated gate_up_proj, which FMBC does not have); "
+                             "target q_proj, k_proj, v_proj, o_proj, down_proj or lm_head")
+        return dims[module_name]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The shared policy; parameters of other pipeline stages are checked, not loaded."""

@@ -1,0 +1,115 @@
+"""A quantized FMBC checkpoint (compressed-tensors W8A8, written by `fmbc_serve.quantize`) served by vLLM's
+OpenAI server on CPU, against the full-precision reference; the load policy's errors for quantized layers; and
+SGLang's documented CPU failure for the same checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require
+from safetensors.torch import load_file, save_file
+from servers import free_port, running_server
+
+from fmbc_serve.parity import Completion, compare, reference_greedy
+
+PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 301, 302, 5, 5, 5, 9, 100]]
+NEW_TOKENS = 16
+# Rounding every projection to int8 (and activations per token) moves logprobs by ~1e-3 on the tiny model.
+QUANT_TOLERANCE = 1e-2
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[str, str]:
+    """(full-precision tiny checkpoint, its W8A8 copy)."""
+    import subprocess
+
+    from fmbc_serve.checkpoint import init_checkpoint, make_config
+
+    require("compressed_tensors")
+    root = tmp_path_factory.mktemp("quant")
+    full = init_checkpoint(make_config("tiny"), root / "fp32", seed=0)
+    fmbc = str(Path(sys.executable).parent / "fmbc")  # as docs/quantization.md has it
+    subprocess.run([fmbc, "quantize", str(full), "--out", str(root / "w8a8"), "--scheme", "W8A8"], check=True,
+                   timeout=300)
+    return str(full), str(root / "w8a8")
+
+
+@pytest.mark.vllm
+def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -> None:
+    import requests
+
+    require("vllm")
+    full, quantized = checkpoints
+    sizes = [(Path(d) / "model.safetensors").stat().st_size for d in (full, quantized)]
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", quantized, "--port", str(port),
+               "--host", "127.0.0.1", "--dtype", "float32"]
+    log = tmp_path / "server.log"
+    with running_server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base_url:
+        served = []
+        for prompt in PROMPTS:
+            body = {"model": quantized, "prompt": prompt, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,
+                    "ignore_eos": True, "temperature": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
+            reply = requests.post(base_url + "/v1/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            logprobs = reply.json()["choices"][0]["logprobs"]
+            served.append(Completion([int(t.removeprefix("token_id:")) for t in logprobs["tokens"]],
+                                     logprobs["token_logprobs"], []))
+    reference = reference_greedy(full, PROMPTS, NEW_TOKENS)
+    for ref in reference:
+        ref.prompt_logprobs = []
+    rows = [compare(ref, eng, len(p)) for ref, eng, p in zip(reference, served, PROMPTS, strict=True)]
+    worst = max(row.max_delta for row in rows)
+    print(f"\nvLLM W8A8: greedy equal {[row.agree for row in rows]}, max |Δlogprob| vs fp32 {worst:.3e}, "
+          f"model.safetensors {sizes[1]} vs {sizes[0]} bytes ({sizes[1] / sizes[0]:.2f}x)")
+    assert all(row.agree for row in rows)
+    assert worst <= QUANT_TOLERANCE
+    assert "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8" in log.read_text()
+
+
+@pytest.mark.vllm
+def test_quantized_load_errors_name_the_tensors(checkpoints, tmp_path: Path) -> None:
+    require("vllm")
+    from fmbc_serve.engines.vllm.runner import greedy
+
+    _, quantized = checkpoints
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight_scale"]
+    weights["model.layers.0.mlp.up_proj.weight_scale"] = weights["model.layers.0.mlp.up_proj.weight_scale"][:7]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match=r"missing tensor model\.layers\.1\.self_attn\.k_proj\.weight_scale") as err:
+        greedy(str(broken), [[1, 2, 3]], 2)
+    assert "model.layers.0.mlp.up_proj.weight_scale has shape [7, 1]" in str(err.value)
+
+
+# SGLang 0.5.23 takes compressed-tensors in float16/bfloat16 only, and its scheme check then asks CUDA for the
+# device's compute capability: no compressed-tensors scheme loads on a machine without a GPU (docs/quantization.md).
+SGLANG_CPU_QUANT_ERRORS = {
+    "float32": "torch.float32 is not supported for quantization method compressed-tensors",
+    "bfloat16": "Found no NVIDIA driver on your system",
+}
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("dtype", SGLANG_CPU_QUANT_ERRORS)
+def test_sglang_compressed_tensors_on_cpu_fails_with_the_documented_error(checkpoints, dtype: str) -> None:
+    import subprocess
+
+    import torch
+
+    from fmbc_serve.engines.sglang.runner import server_command
+
+    require("sglang")
+    assert not torch.cuda.is_available(), "on a GPU machine, test SGLang's quantized serving instead"
+    _, quantized = checkpoints
+    command, env = server_command(quantized, "127.0.0.1", free_port(), "fmbc-w8a8", cuda=False)
+    command[command.index("--dtype") + 1] = dtype
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode != 0
+    assert SGLANG_CPU_QUANT_ERRORS[dtype] in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
