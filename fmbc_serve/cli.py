@@ -138,8 +138,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize_checkpoint
 
-    quantize_checkpoint(args.dir, args.out, args.scheme)
-    print(f"wrote {args.out}: {args.scheme} (compressed-tensors), lm_head kept in full precision")
+    try:
+        quantize_checkpoint(args.dir, args.out, args.scheme)
+    except ModuleNotFoundError as err:
+        raise CommandError(str(err)) from err
+    print(f"wrote {args.out}: {args.scheme} (compressed-tensors, by llm-compressor), lm_head kept in full precision")
     return 0
 
 
@@ -204,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .quantize import SCHEMES
 
-    p = sub.add_parser("quantize", help="write a compressed-tensors quantized copy of a checkpoint (needs "
-                                        "compressed-tensors, installed with vLLM)")
+    p = sub.add_parser("quantize", help="write a compressed-tensors quantized copy of a checkpoint with "
+                                        "llm-compressor (its own environment: bash scripts/venv.sh quant)")
     p.add_argument("dir")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scheme", choices=SCHEMES, default="W8A8")

@@ -15,6 +15,9 @@ import re
 TESTED = {"vllm": "0.32.0", "sglang": "0.5.23"}
 # The torch of the core environment (.venv), for scripts/venv.sh.
 CORE_TORCH_VERSION = "2.13.0"
+# The llm-compressor that `fmbc quantize` runs (pyproject's `quantize` extra). It pins an older transformers and
+# compressed-tensors than the engines, so scripts/venv.sh gives it an environment of its own ("quant").
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
 
 logger = logging.getLogger("fmbc_serve")
 # Set once the line is logged: the engines' worker processes inherit it, so a server logs the line once.
@@ -50,4 +53,5 @@ def warn_if_untested(engine: str, running: str) -> None:
 
 
 if __name__ == "__main__":
-    print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}")
+    print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}\n"
+          f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}")

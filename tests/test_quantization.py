@@ -1,6 +1,6 @@
-"""A quantized FMBC checkpoint (compressed-tensors W8A8, written by `fmbc_serve.quantize`) served by vLLM's
-OpenAI server on CPU, against the full-precision reference; the load policy's errors for quantized layers; and
-SGLang's documented CPU failure for the same checkpoint."""
+"""A quantized FMBC checkpoint (compressed-tensors W8A8, written by llm-compressor through `fmbc quantize`)
+served by vLLM's OpenAI server on CPU, against the full-precision reference; the load policy's errors for
+quantized layers; and SGLang's documented CPU failure for the same checkpoint."""
 
 from __future__ import annotations
 
@@ -18,23 +18,26 @@ from fmbc_serve.parity import Completion, compare, reference_greedy
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 301, 302, 5, 5, 5, 9, 100]]
 NEW_TOKENS = 16
+ROOT = Path(__file__).resolve().parents[1]
 # Rounding every projection to int8 (and activations per token) moves logprobs by ~1e-3 on the tiny model.
 QUANT_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[str, str]:
-    """(full-precision tiny checkpoint, its W8A8 copy)."""
+    """(full-precision tiny checkpoint, its W8A8 copy made by `fmbc quantize`, i.e. llm-compressor, in the quant
+    environment that scripts/venv.sh builds on first use: it cannot share the engine's environment)."""
     import subprocess
 
     from fmbc_serve.checkpoint import init_checkpoint, make_config
 
-    require("compressed_tensors")
     root = tmp_path_factory.mktemp("quant")
     full = init_checkpoint(make_config("tiny"), root / "fp32", seed=0)
-    fmbc = str(Path(sys.executable).parent / "fmbc")  # as docs/quantization.md has it
-    subprocess.run([fmbc, "quantize", str(full), "--out", str(root / "w8a8"), "--scheme", "W8A8"], check=True,
-                   timeout=300)
+    # The first build takes ~1 minute from a warm pip cache; its progress goes to the test's stderr.
+    venv = subprocess.run(["bash", str(ROOT / "scripts" / "venv.sh"), "quant"], stdout=subprocess.PIPE, text=True,
+                          timeout=1800, check=True).stdout.split()[-1]
+    subprocess.run([str(Path(venv) / "bin" / "fmbc"), "quantize", str(full), "--out", str(root / "w8a8"),
+                    "--scheme", "W8A8"], check=True, timeout=300)
     return str(full), str(root / "w8a8")
 
 
