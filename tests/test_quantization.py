@@ -41,6 +41,23 @@ def checkpoints(tmp_path_factory) -> tuple[str, str]:
     return str(full), str(root / "w8a8")
 
 
+def test_quantize_without_llmcompressor_names_the_fix(tiny_checkpoints, tmp_path: Path, capsys) -> None:
+    """Where llm-compressor is not installed (the engine and core environments), the CLI says how to get it."""
+    import importlib.util
+
+    from fmbc_serve.cli import main
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llm-compressor is installed here")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", tiny_checkpoints["binary"], "--out", str(tmp_path / "w8a8")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "fmbc quantize: error: fmbc quantize needs llm-compressor" in error
+    assert "bash scripts/venv.sh quant" in error and "pip install 'fmbc-serve[quantize]'" in error
+    assert not (tmp_path / "w8a8").exists()
+
+
 @pytest.mark.vllm
 def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -> None:
     import requests

@@ -25,12 +25,15 @@ def test_pyproject_extras_pin_the_tested_versions() -> None:
     for engine, distribution in EXTRA_DISTRIBUTIONS.items():
         pins = [req.split(";")[0].strip() for req in extras[engine]]
         assert pins == [f"{distribution}=={versions.TESTED[engine]}"], (engine, extras[engine])
+    assert extras["quantize"] == [f"llmcompressor=={versions.LLMCOMPRESSOR_VERSION}"]
 
 
 def test_versions_sh_reads_them() -> None:
-    script = f'source "{ROOT}/scripts/versions.sh" && echo "$VLLM_VERSION $SGLANG_VERSION $CORE_TORCH_VERSION"'
+    script = (f'source "{ROOT}/scripts/versions.sh" && '
+              'echo "$VLLM_VERSION $SGLANG_VERSION $CORE_TORCH_VERSION $LLMCOMPRESSOR_VERSION"')
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [versions.TESTED["vllm"], versions.TESTED["sglang"], versions.CORE_TORCH_VERSION]
+    assert out == [versions.TESTED["vllm"], versions.TESTED["sglang"], versions.CORE_TORCH_VERSION,
+                   versions.LLMCOMPRESSOR_VERSION]
 
 
 @pytest.mark.parametrize(("running", "warns"), [("0.32.0", False), ("0.32.0+cpu", False), ("0.33.0", True),
