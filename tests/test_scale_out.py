@@ -228,11 +228,13 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
 
 def router_command(port: int, workers: list[str]) -> list[str]:
     """SGLang's router: round robin, a health check every second (two failures take a replica out, one success
-    brings it back), retries of requests whose worker fails before answering."""
+    brings it back), retries of requests whose worker fails before answering, and a 5 s circuit-breaker
+    cooldown (the default 60 s keeps a restarted replica without traffic for a minute after the kill)."""
     return [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
             "--worker-urls", *workers, "--policy", "round_robin", "--health-check-endpoint", "/health",
             "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
-            "--health-success-threshold", "1", "--prometheus-port", str(free_port()), "--log-level", "warn"]
+            "--health-success-threshold", "1", "--cb-timeout-duration-secs", "5", "--prometheus-port", str(free_port()),
+            "--log-level", "warn"]
 
 
 def healthy_workers(router_url: str) -> list[str]:
