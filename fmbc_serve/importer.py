@@ -256,6 +256,14 @@ def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor
     return streams
 
 
+def width_and_vocab(model: nn.Module, first_block: nn.Module) -> tuple[int, int]:
+    """The model width (the first block's input) and V (the logits), from a one-token input."""
+    probe = torch.zeros(1, 1, dtype=torch.long)
+    width = observe_stream(model, [first_block], probe, stop_after_first=True)[0].shape[-1]
+    with torch.no_grad():
+        return width, logits_of(model, probe).shape[-1]
+
+
 def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, progress: bool = False,
                    chunk: int = 4096) -> torch.Tensor:
     """The first block's input for every id as a one-token sequence: [V, d], the foreign model's input code
@@ -689,10 +697,7 @@ def recognise(model: nn.Module, source: str, progress: bool = False
 
     stack_name, stack = find_blocks(model)
     block = stack[0]
-    probe = observe_stream(model, [block], torch.zeros(1, 1, dtype=torch.long), stop_after_first=True)
-    width = probe[0].shape[-1]
-    with torch.no_grad():
-        vocab = logits_of(model, torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+    width, vocab = width_and_vocab(model, block)
     layout = block_layout(block, width)
     final_name, head_name = top_level_parts(model, stack_name, width, vocab)
     final_norm, head = model.get_submodule(final_name), model.get_submodule(head_name)
@@ -754,8 +759,7 @@ def _stream_modules(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, FMBCForCausalLM):
         return [layer.input_layernorm for layer in model.model.layers] + [model.model.norm]
     stack_name, stack = find_blocks(model)
-    width = observe_stream(model, [stack[0]], torch.zeros(1, 1, dtype=torch.long), stop_after_first=True)[0].shape[-1]
-    vocab = logits_of(model, torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+    width, vocab = width_and_vocab(model, stack[0])
     return [*stack, model.get_submodule(top_level_parts(model, stack_name, width, vocab)[0])]
 
 
