@@ -85,6 +85,17 @@ def successes_by_engine(base_url: str) -> dict[str, float]:
     return counts
 
 
+def settled_successes(base_url: str) -> float:
+    """Engine 0's success count once it stops moving: vLLM answers a request before it counts it."""
+    count = successes_by_engine(base_url).get("0", 0.0)
+    for _ in range(20):
+        time.sleep(0.5)
+        count, previous = successes_by_engine(base_url).get("0", 0.0), count
+        if count == previous:
+            break
+    return count
+
+
 def test_data_parallel_2_spreads_requests_and_matches_the_reference(tiny_checkpoints: dict[str, str],
                                                                    tmp_path: Path) -> None:
     """`--data-parallel-size 2`: two engine cores behind one API server; both serve, with the reference's
@@ -260,7 +271,7 @@ def test_two_replicas_behind_the_router_survive_a_replica_kill(tiny_checkpoints:
         with running_server(router_command(two_port, urls), two_port, tmp_path / "router2.log") as router:
             assert healthy_workers(router) == sorted(urls)
             double = drive_load(router, LOAD_SECONDS).summary()
-            before = successes_by_engine(urls[0])["0"], successes_by_engine(urls[1])["0"]
+            before = settled_successes(urls[0]), settled_successes(urls[1])
 
             kill = {}
 
@@ -277,7 +288,7 @@ def test_two_replicas_behind_the_router_survive_a_replica_kill(tiny_checkpoints:
             killed = drive_load(router, LOAD_SECONDS, during=kill_second_replica)
             assert urls[1] not in healthy_workers(router), "the router still lists the killed replica as healthy"
             failures = [r for r in killed.records if not r["ok"]]
-            survivor_gain = successes_by_engine(urls[0])["0"] - before[0]
+            survivor_gain = settled_successes(urls[0]) - before[0]
 
             # the killed replica comes back on the same port; the router takes it in again
             replicas[1] = start_replica(checkpoint, ports[1], 1, tmp_path / "replica1.log")
@@ -306,8 +317,10 @@ def test_two_replicas_behind_the_router_survive_a_replica_kill(tiny_checkpoints:
     # only requests in flight around the kill may fail, each with an error, never more than the clients
     assert all(window_start <= r["start"] <= window_end for r in failures), failures
     assert len(failures) <= LOAD_CLIENTS and all(r["error"] for r in failures)
-    # after the router took the replica out, every request succeeded, on the survivor
+    # after the router took the replica out, every request succeeded, on the survivor. A stream the client cut
+    # may be aborted before it finishes, and vLLM counts only finished requests: compare the uncut ones.
     assert report["after the kill"]["failed"] == 0 and report["after the kill"]["ok"] > 0
-    assert survivor_gain >= report["after the kill"]["ok"]
+    finished_after = sum(1 for r in killed.records if r["ok"] and not r["cut"] and r["start"] >= window_end)
+    assert survivor_gain >= finished_after
     # after the restart the router takes the replica in again and sends it requests
     assert rejoined and back > 0
