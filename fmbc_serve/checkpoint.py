@@ -20,8 +20,10 @@ from .binary_code import code_bits, random_affine
 from .configuration_fmbc import FMBCConfig
 from .modeling_fmbc import FMBCForCausalLM
 from .tokenizer import build_char_tokenizer, special_token_ids
-from .weights import canonical_tensors, check_tensors
+from .weights import canonical_tensors, check_tensors, quantized_layers
 
+# safetensors dtypes that hold quantized values: meaningless without the scales beside them.
+QUANTIZED_DTYPES = {"I8", "U8", "I32", "F8_E4M3", "F8_E5M2"}
 SOURCE_FILES = ("binary_code.py", "configuration_fmbc.py", "modeling_fmbc.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_fmbc.FMBCConfig",
@@ -110,6 +112,7 @@ class TensorReport:
     head_params: int
     dtypes: dict[str, int]
     problems: list[str]
+    quantized: list[str]  # canonical layers whose weights a quantizer replaced (scales, packed weights)
 
     @property
     def total_params(self) -> int:
@@ -143,8 +146,21 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
     dtype_counts: dict[str, int] = {}
     for dtype in dtypes.values():
         dtype_counts[dtype] = dtype_counts.get(dtype, 0) + 1
-    return TensorReport(config, counts["input"], counts["blocks"], counts["head"], dtype_counts,
-                        check_tensors(expected, found))
+    # A quantized layer's tensors are the quantizer's (int8 or packed weights, scales, zero points): their shapes
+    # follow its scheme, and the engine's quantization method checks them at load. Here they are only counted.
+    quantized = sorted(quantized_layers(found, {name.rpartition(".")[0] for name in expected}))
+    if quantized and getattr(config, "quantization_config", None) is None:
+        problems = [f"{len(quantized)} layers hold quantization tensors (e.g. {quantized[0]}) but config.json has "
+                    "no quantization_config to say how to read them"]
+    else:
+        problems = check_tensors(*({n: shape for n, shape in tensors.items()
+                                    if n.rpartition(".")[0] not in quantized or n.endswith(".bias")}
+                                   for tensors in (expected, found)))
+        problems += [f"tensor {name} is {dtypes[name]} but its layer has no quantization tensors (scales)"
+                     for name in expected if name in found and dtypes[name] in QUANTIZED_DTYPES
+                     and name.rpartition(".")[0] not in quantized]
+    return TensorReport(config, counts["input"], counts["blocks"], counts["head"], dtype_counts, problems,
+                        quantized)
 
 
 def load_config(checkpoint_dir: str | Path) -> FMBCConfig:

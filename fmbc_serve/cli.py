@@ -53,6 +53,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"norm / rope         {c.norm_type} eps={c.norm_eps} / theta={c.rope_theta} rotary_pct={c.rotary_pct}")
     print(f"context             {c.max_position_embeddings}")
     print(f"tensor dtypes       {', '.join(f'{k}×{v}' for k, v in sorted(report.dtypes.items()))}")
+    if quantization := getattr(c, "quantization_config", None):
+        print(f"quantization        {quantization.get('quant_method', '?')} {quantization.get('format', '')}: "
+              f"{len(report.quantized)} layers quantized")
     print(f"parameters: input-embedding {report.input_params:,}")
     print(f"            blocks          {report.block_params:,}")
     print(f"            output head     {report.head_params:,}")
@@ -61,7 +64,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    print("tensors             ok (all present, none unexpected, shapes match the config)")
+    print("tensors             ok (all present, none unexpected, shapes match the config"
+          + (", quantized layers' shapes are the engine's to check)" if report.quantized else ")"))
     return 0
 
 

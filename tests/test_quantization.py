@@ -108,6 +108,27 @@ def test_quantized_load_errors_name_the_tensors(checkpoints, tmp_path: Path) -> 
     assert "model.layers.0.mlp.up_proj.weight_scale has shape [7, 1]" in str(err.value)
 
 
+@pytest.mark.vllm
+def test_inspect_reads_a_quantized_checkpoint(checkpoints, tmp_path: Path, capsys) -> None:
+    """`fmbc inspect` counts the quantized layers instead of calling their scales unexpected, and names an int8
+    weight whose scales are gone (the scales' shapes are the engine's quantization method to check)."""
+    from fmbc_serve.cli import main
+
+    _, quantized = checkpoints
+    assert main(["inspect", quantized]) == 0
+    out = capsys.readouterr().out
+    assert "quantization        compressed-tensors int-quantized: 12 layers quantized" in out
+    assert "tensors             ok" in out
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight_scale"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(["inspect", str(broken)]) == 1
+    assert ("error: tensor model.layers.1.self_attn.k_proj.weight is I8 but its layer has no quantization tensors"
+            in capsys.readouterr().err)
+
+
 # SGLang 0.5.23 takes compressed-tensors in float16/bfloat16 only, and its scheme check then asks CUDA for the
 # device's compute capability: no compressed-tensors scheme loads on a machine without a GPU (docs/quantization.md).
 SGLANG_CPU_QUANT_ERRORS = {
