@@ -21,7 +21,8 @@ from fmbc_serve.importer import REPORT_FILE, logits_of
 TEXTS = ["Question: What is FMBC?\nAnswer:", "In the beginning", "x = [1, 2, 3]"]
 
 
-def stock_neox(out: Path) -> str:
+def stock_neox(out: Path, vocab: int = 512, width: int = 72, dtype: torch.dtype = torch.float32,
+               code: dict | None = None, **config) -> str:
     """A stock transformers GPT-NeoX (sequential residual, partial rotary) whose input table is a frozen binary
     code: no code of its own, so it imports without --trust-remote-code."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -30,18 +31,19 @@ def stock_neox(out: Path) -> str:
     from fmbc_serve.tokenizer import build_char_tokenizer
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=512, hidden_size=72, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, rotary_pct=0.5, use_parallel_residual=False, hidden_act="gelu",
-                           max_position_embeddings=64, tie_word_embeddings=False)
+    config = GPTNeoXConfig(**{"vocab_size": vocab, "hidden_size": width, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "intermediate_size": 256, "rotary_pct": 0.5,
+                              "use_parallel_residual": False, "hidden_act": "gelu", "max_position_embeddings": 64,
+                              "tie_word_embeddings": False, **config})
     model = GPTNeoXForCausalLM(config)
+    code = code or {"values": "sign", "bit_order": "msb"}
     with torch.no_grad():
-        model.gpt_neox.embed_in.weight.copy_(BinaryCode(512, 72, values="sign", bit_order="msb").embed(
-            torch.arange(512)))
+        model.gpt_neox.embed_in.weight.copy_(BinaryCode(vocab, width, **code).embed(torch.arange(vocab)))
         for name, param in model.named_parameters():
             if param.dim() == 1:  # non-trivial norms and biases
                 param.normal_(1.0 if "layernorm" in name and "weight" in name else 0.0, 0.1)
-    model.save_pretrained(out)
-    build_char_tokenizer(512).save_pretrained(out)
+    model.to(dtype).save_pretrained(out)
+    build_char_tokenizer(vocab).save_pretrained(out)
     return str(out)
 
 
@@ -62,6 +64,16 @@ CASES = {
                    {"input_mode": "binary", "code_bit_order": "msb", "code_values": "sign",
                     "code_layout": "interleave"},
                    {"rotary": "rotate_half", "fused_order": "per_head"}),
+    # V not a power of two (K = 9), bf16 weights, a head tied to the code table, every dim rotated, tanh GELU
+    "stock-neox-tied": (lambda out: stock_neox(out, vocab=300, width=64, dtype=torch.bfloat16,
+                                               code={"values": "zero_one", "bit_order": "lsb", "layout": "repeat"},
+                                               tie_word_embeddings=True, hidden_act="gelu_new",
+                                               rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                "partial_rotary_factor": 1.0}), False,
+                        {"input_mode": "binary", "vocab_size": 300, "code_bit_order": "lsb",
+                         "code_values": "zero_one", "code_layout": "repeat", "hidden_act": "gelu_tanh",
+                         "rope_theta": 1e6},
+                        {"rotary": "rotate_half", "rotary_dim": 16}),
 }
 
 
@@ -172,19 +184,48 @@ def test_a_table_that_is_almost_a_code_is_refused(capsys, tmp_path: Path, damage
     assert not (tmp_path / "out").exists() and fingerprint(src) == before
 
 
-def test_a_model_not_of_this_family_is_refused(capsys, tmp_path: Path) -> None:
-    """GPT-2: learned absolute positions, no rotary attention."""
+def gpt2(out: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                               initializer_range=0.2)).save_pretrained(out)
+
+
+def gptj(out: Path) -> None:
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    GPTJForCausalLM(GPTJConfig(vocab_size=512, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                               n_positions=64)).save_pretrained(out)
+
+
+def gated_llama(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, hidden_act="gelu")).save_pretrained(out)
+
+
+# stock architecture -> what the refusal says about it
+NOT_OF_THIS_FAMILY = {
+    "gpt2": (gpt2, "matches no supported convention"),  # learned absolute positions
+    "neox-parallel-residual": (lambda out: stock_neox(out, use_parallel_residual=True),
+                               "matches no supported convention"),
+    "gptj": (gptj, "a block has 1 width-sized norms"),  # attention and MLP side by side on one norm
+    "gated-llama": (gated_llama, "a gated MLP is not of this family"),
+}
+
+
+@pytest.mark.parametrize("architecture", NOT_OF_THIS_FAMILY)
+def test_a_model_not_of_this_family_is_refused(capsys, tmp_path: Path, architecture: str) -> None:
     from fmbc_serve.tokenizer import build_char_tokenizer
 
+    write, reason = NOT_OF_THIS_FAMILY[architecture]
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                               initializer_range=0.2)).save_pretrained(tmp_path / "gpt2")
-    build_char_tokenizer(512).save_pretrained(tmp_path / "gpt2")
-    status, output = run_import(capsys, str(tmp_path / "gpt2"), tmp_path / "out", trust=False)
-    assert status == 2
-    assert "matches no supported convention" in output
+    write(tmp_path / "src")
+    build_char_tokenizer(512).save_pretrained(tmp_path / "src")
+    status, output = run_import(capsys, str(tmp_path / "src"), tmp_path / "out", trust=False)
+    assert status == 2 and "fmbc import: error:" in output
+    assert reason in output
     assert not (tmp_path / "out").exists()
 
 
