@@ -149,13 +149,16 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
     # A quantized layer's tensors are the quantizer's (int8 or packed weights, scales, zero points): their shapes
     # follow its scheme, and the engine's quantization method checks them at load. Here they are only counted.
     quantized = sorted(quantized_layers(found, {name.rpartition(".")[0] for name in expected}))
+
+    def schema_checked(tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {name: shape for name, shape in tensors.items()
+                if name.rpartition(".")[0] not in quantized or name.endswith(".bias")}
+
     if quantized and getattr(config, "quantization_config", None) is None:
         problems = [f"{len(quantized)} layers hold quantization tensors (e.g. {quantized[0]}) but config.json has "
                     "no quantization_config to say how to read them"]
     else:
-        problems = check_tensors(*({n: shape for n, shape in tensors.items()
-                                    if n.rpartition(".")[0] not in quantized or n.endswith(".bias")}
-                                   for tensors in (expected, found)))
+        problems = check_tensors(schema_checked(expected), schema_checked(found))
         problems += [f"tensor {name} is {dtypes[name]} but its layer has no quantization tensors (scales)"
                      for name in expected if name in found and dtypes[name] in QUANTIZED_DTYPES
                      and name.rpartition(".")[0] not in quantized]
