@@ -477,7 +477,9 @@ def probe_activation(mlp: nn.Module, up: nn.Module, down: nn.Module, width: int)
     to 5e-4: with small (freshly initialised) weights, random inputs would not tell them apart."""
     x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x *= 2.0 / max(float((x @ matrix(up).t()).std()), 1e-12)
+        projected = x @ matrix(up).t()
+        scale = 2.0 / max(float(projected.std()), 1e-12)
+        x, pre_activation = x * scale, projected * scale + _bias(up)
     try:
         with torch.no_grad():
             got = mlp(x).float()
@@ -486,8 +488,7 @@ def probe_activation(mlp: nn.Module, up: nn.Module, down: nn.Module, width: int)
     errors = {}
     for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
         with torch.no_grad():
-            hidden = nn.functional.gelu(x @ matrix(up).t() + _bias(up), approximate=approximate)
-            want = hidden @ matrix(down).t() + _bias(down)
+            want = nn.functional.gelu(pre_activation, approximate=approximate) @ matrix(down).t() + _bias(down)
         errors[act] = float((got - want).abs().max())
     found = sorted((act for act, error in errors.items() if error <= 1e-5 * max(1.0, float(got.abs().max()))),
                    key=errors.get)
