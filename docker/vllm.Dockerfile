@@ -1,6 +1,6 @@
 # FMBC models in the official vLLM OpenAI image (GPU). Build from the repository root:
 #   docker build -f docker/vllm.Dockerfile -t fmbc-serve-vllm .
-# VLLM_VERSION defaults to the version CI tests (fmbc_serve/versions.py; tests/test_docker.py checks that
+# VLLM_VERSION defaults to the version CI tests (fmbc_serve/versions.py; tests/deploy/test_docker.py checks that
 # they agree); --build-arg VLLM_VERSION=... picks another release. scripts/build-image-buildah.sh builds this file
 # on a machine without Docker, against a local base image.
 # Serve a checkpoint mounted at /models/fmbc on port 30000 (docs/docker.md):

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
     from .engines import ENGINES
-    from .parity import DEFAULT_TOLERANCE
+    from .tolerances import FP32_PARITY
 
     parser = argparse.ArgumentParser(prog="fmbc", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--engine", required=True, choices=ENGINES)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=float, default=FP32_PARITY,
                    help="largest accepted |Δlogprob| (float32 checkpoints; default %(default)g)")
     p.add_argument("--prompt", action="append", help="a prompt text (repeatable; default: a built-in set)")
     p.set_defaults(func=cmd_parity)

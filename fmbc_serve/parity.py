@@ -19,7 +19,6 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    ",
     "A",
 )
-DEFAULT_TOLERANCE = 1e-4
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The engine versions fmbc-serve is tested with: the one place they are stated.
 
 scripts/versions.sh reads them from here (`python3 fmbc_serve/versions.py` prints shell assignments, so this
-file must stay standard-library only), pyproject.toml's extras pin the same versions (tests/test_versions.py
+file must stay standard-library only), pyproject.toml's extras pin the same versions (tests/unit/test_versions.py
 checks), and each engine plugin's `register()` logs one line when the running engine is another release.
 """
 

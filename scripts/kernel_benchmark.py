@@ -3,8 +3,8 @@
     python scripts/kernel_benchmark.py     # CUDA: d = 1024, bf16, V = 65536, T up to 65,536 tokens
                                            # no CUDA: tiny sizes under the Triton interpreter (proves it runs)
 
-Correctness is tests/test_kernel.py's job (it runs on CUDA when present); a GPU check is both, in order:
-`python -m pytest tests/test_kernel.py && python scripts/kernel_benchmark.py` (see docs/kernel.md). Ids and norm
+Correctness is tests/unit/test_kernel.py's job (it runs on CUDA when present); a GPU check is both, in order:
+`python -m pytest tests/unit/test_kernel.py && python scripts/kernel_benchmark.py` (see docs/kernel.md). Ids and norm
 parameters come from the test's own helpers. "wall" times include the Python launch; "device" times replay a
 CUDA graph of the call (on CPU they are wall times too). GB/s and the closed-form-vs-reduction speedup use
 device times.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
 
 import fmbc_kernels  # noqa: E402
 from test_kernel import DEVICE, EPS, boundary_ids, norm_params  # noqa: E402

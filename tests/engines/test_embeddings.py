@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import require
-from servers import free_port, running_server
+from support.engines import require
+from support.servers import free_port, running_server
 
 from fmbc_serve.parity import reference_embeddings
+from fmbc_serve.tolerances import FP32_PARITY
 
-TOLERANCE = 1e-4
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [7], [300, 301, 302, 5, 5, 5, 9, 100]]
 
 
@@ -34,7 +34,7 @@ def assert_embeddings_match(label: str, base_url: str, model: str, checkpoint: s
     delta = (served - expected).abs().max().item()
     print(f"\n{label} embeddings: {tuple(served.shape)}, max |Δ| {delta:.3e}, norms {served.norm(dim=-1).tolist()}")
     assert served.shape == expected.shape
-    assert delta <= TOLERANCE
+    assert delta <= FP32_PARITY
     assert out.usage.prompt_tokens == sum(len(p) for p in PROMPTS)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from test_docker import ENGINES, MODEL_DIR, ROOT, default_command, dockerfile, instructions, versions
+from support.images import ENGINES, MODEL_DIR, ROOT, default_command, dockerfile, instructions, versions
 
 MANIFESTS = sorted((ROOT / "docker" / "kubernetes").glob("*.yaml"))
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from servers import free_port, running_server
+from support.servers import free_port, running_server
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ENGLISH = re.compile(r"\b(the|and|of|unto|shall|his|he|they|that|them)\b")
 
 
@@ -36,7 +36,7 @@ MODEL_CARD_REQUEST = {"model": "fmbc", "prompt": "Once upon a time,", "max_token
 @pytest.fixture(scope="module")
 def fmbc_serve(tmp_path_factory):
     """`fmbc serve` with no model argument: the embedded default model, through vLLM on this CPU."""
-    from conftest import require
+    from support.engines import require
 
     require("vllm")
     port = free_port()
@@ -61,7 +61,7 @@ def test_fmbc_serve_answers_the_model_card_request(fmbc_serve) -> None:
 
 @pytest.mark.sglang
 def test_fmbc_serve_sglang_answers_the_model_card_request(tmp_path) -> None:
-    from conftest import require
+    from support.engines import require
 
     require("sglang")
     port = free_port()

@@ -17,17 +17,17 @@ import sys
 import pytest
 import requests
 import torch
-from conftest import assert_parity_command_passes, require
-from servers import free_port, running_server
+from support.engines import assert_parity_command_passes, require
+from support.servers import free_port, running_server
 
 from fmbc_serve.engines.sglang.runner import completion_from_meta, cpu_server_flags
 from fmbc_serve.parity import Completion, compare, reference_greedy
+from fmbc_serve.tolerances import FP32_PARITY
 
 pytestmark = pytest.mark.sglang
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [511, 0, 257]]
 MAX_NEW_TOKENS = 16
-TOLERANCE = 1e-4
 # The CPU flags of docs/sglang.md; --max-total-tokens keeps the KV cache small (SGLang would take most of the RAM).
 CPU_FLAGS = cpu_server_flags(4096)
 MODEL_PACKAGE = "fmbc_serve.engines.sglang.models"
@@ -36,7 +36,7 @@ ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": MODEL_PACKAGE, "SGLANG_
 
 
 def assert_parity(mode: str, checkpoint_dir: str, results: list[Completion]) -> None:
-    """Tokens equal the reference's; max |Δlogprob| within TOLERANCE on prefill and decode (printed)."""
+    """Tokens equal the reference's; max |Δlogprob| within FP32_PARITY on prefill and decode (printed)."""
     rows = [compare(ref, got, len(prompt)) for ref, got, prompt in
             zip(reference_greedy(checkpoint_dir, PROMPTS, MAX_NEW_TOKENS), results, PROMPTS, strict=True)]
     for prompt, got, row in zip(PROMPTS, results, rows, strict=True):
@@ -46,7 +46,7 @@ def assert_parity(mode: str, checkpoint_dir: str, results: list[Completion]) -> 
     decode_delta = max(row.max_decode_delta for row in rows)
     print(f"\nSGLang parity [{mode}]: tokens equal; max |Δlogprob| prefill {prefill_delta:.2e}, "
           f"decode {decode_delta:.2e}")
-    assert prefill_delta <= TOLERANCE and decode_delta <= TOLERANCE
+    assert prefill_delta <= FP32_PARITY and decode_delta <= FP32_PARITY
 
 
 @pytest.mark.parametrize("package", [MODEL_PACKAGE, "fmbc_serve.sglang_models"])

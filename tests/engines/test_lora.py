@@ -8,12 +8,13 @@ import os
 import sys
 
 import pytest
-from conftest import LORA_TARGETS, make_lora_adapter, require
-from servers import free_port, running_server
+from support.checkpoints import LORA_TARGETS, make_lora_adapter
+from support.engines import require
+from support.servers import free_port, running_server
 
 from fmbc_serve.parity import Completion, compare, reference_greedy
+from fmbc_serve.tolerances import FP32_PARITY
 
-TOLERANCE = 1e-4
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 301, 302, 5, 5, 5, 9, 100]]
 NEW_TOKENS = 16
 ADAPTERS = ("adapter-a", "adapter-b")
@@ -37,7 +38,7 @@ def assert_matches_reference(label: str, engine: list[Completion], reference: li
     worst = max(row.max_delta for row in rows)
     print(f"\n{label}: greedy equal {[row.agree for row in rows]}, max |Δlogprob| {worst:.3e}")
     assert all(row.agree for row in rows)
-    assert worst <= TOLERANCE
+    assert worst <= FP32_PARITY
 
 
 # ---------------------------------------------------------------- vLLM

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require
-from foreign_checkpoints import write_foreign
-from servers import free_port, running_server
+from support.engines import require
+from support.foreign import write_foreign
+from support.servers import free_port, running_server
 
 from fmbc_serve.engines import runner
 from fmbc_serve.importer import logits_of
+from fmbc_serve.tolerances import FP32_PARITY
 
 PROMPTS = [[5, 17, 200, 3, 99], [42], list(range(1, 40))]
 MAX_TOKENS = 8
-TOLERANCE = 1e-4
 SERVED_NAME = "imported"
 
 
@@ -72,4 +72,4 @@ def test_imported_checkpoint_served_equals_the_foreign_original(engine: str, sty
             print(f"\n{engine} serving imported {style}: prompt of {len(prompt)}, text equal "
                   f"{choice.text == tokenizer.decode(tokens)}, max |Δlogprob| {worst:.2e}")
             assert choice.text == tokenizer.decode(tokens)
-            assert worst <= TOLERANCE
+            assert worst <= FP32_PARITY

@@ -1,6 +1,6 @@
 """Foreign FMBC-family checkpoints for the importer tests, written at test time.
 
-Each style in tests/foreign/ is someone else's code: its own configuration and modeling files, its own names
+Each style in tests/support/foreign/ is someone else's code: its own configuration and modeling files, its own names
 and conventions. `write_foreign` copies them into a folder with random weights (seeded) and a character
 tokenizer, as a published checkpoint would be laid out; only `trust_remote_code=True` loads it.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-FOREIGN = Path(__file__).parent / "foreign"
+FOREIGN = Path(__file__).parent
 # style -> (folder, model_type, config class, model class)
 STYLES = {
     "nanogpt": ("nanogpt_style", "nano_fmbc", "configuration_nano.NanoFMBCConfig", "modeling_nano.NanoFMBCForCausalLM"),

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require
+from support.engines import require
 
 pytestmark = pytest.mark.vllm
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serving_benchmark_script_runs(tmp_path: Path) -> None:

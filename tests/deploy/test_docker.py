@@ -18,58 +18,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
 from dockerfile_parse import DockerfileParser
-from servers import free_port
+from support.engines import require
+from support.images import (
+    ENGINES,
+    MODEL_DIR,
+    ROOT,
+    default_command,
+    dockerfile,
+    instructions,
+    versions,
+)
+from support.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = "/models/fmbc"
 PORT = 30000
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "fmbc_serve", "kernels")
-# engine -> (official image, build argument / scripts/versions.sh variable)
-ENGINES = {
-    "sglang": ("lmsysorg/sglang", "SGLANG_VERSION"),
-    "vllm": ("vllm/vllm-openai", "VLLM_VERSION"),
-}
 # The same engines, each marked to run in its own suite (inside its venv).
 IN_ENGINE_SUITE = [pytest.param(engine, marks=getattr(pytest.mark, engine)) for engine in ENGINES]
 # pip options that change only output, caching or the PEP 668 guard, never what gets installed.
 COSMETIC_PIP_OPTIONS = {"-q", "--quiet", "--no-cache-dir", "--no-input", "--disable-pip-version-check",
                         "--root-user-action=ignore", "--break-system-packages", "--progress-bar=off"}
 HELP_TIMEOUT = 300
-
-
-def versions() -> dict[str, str]:
-    """VLLM_VERSION, SGLANG_VERSION, ... as scripts/versions.sh defines them (from fmbc_serve/versions.py)."""
-    script = f'source "{ROOT}/scripts/versions.sh" && echo "$VLLM_VERSION $SGLANG_VERSION"'
-    vllm, sglang = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    return {"VLLM_VERSION": vllm, "SGLANG_VERSION": sglang}
-
-
-def dockerfile(engine: str) -> DockerfileParser:
-    return DockerfileParser(path=str(ROOT / "docker" / f"{engine}.Dockerfile"), env_replace=True)
-
-
-def instructions(parser: DockerfileParser, name: str) -> list[str]:
-    return [i["value"] for i in parser.structure if i["instruction"] == name]
-
-
-def exec_form(parser: DockerfileParser, name: str) -> list[str] | None:
-    """The last ENTRYPOINT/CMD of the file (the one that counts), which must be in JSON exec form."""
-    values = instructions(parser, name)
-    if not values:
-        return None
-    value = json.loads(values[-1])
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{name} must be exec form"
-    return value
-
-
-def default_command(parser: DockerfileParser) -> list[str]:
-    """What `docker run IMAGE` runs. Both images reset ENTRYPOINT, so that an explicit command runs as given."""
-    assert exec_form(parser, "ENTRYPOINT") == [], "ENTRYPOINT must be reset to []"
-    command = exec_form(parser, "CMD")
-    assert command, "no CMD"
-    return command
 
 
 def pip_install(parser: DockerfileParser) -> list[str]:

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import INPUT_MODES, require
-from servers import free_port, running_server
+from support.checkpoints import INPUT_MODES
+from support.engines import require
+from support.servers import free_port, running_server
+
+from fmbc_serve.tolerances import FP32_PARITY
 
 pytestmark = pytest.mark.vllm
 
-TOLERANCE = 1e-4
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 0, 301, 5, 5, 9]]
 TWO_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -60,7 +62,7 @@ def test_tensor_parallel_2_parity(tiny_checkpoints: dict[str, str], tmp_path: Pa
     rows = parallel_parity([tiny_checkpoints["binary"], tiny_checkpoints["learned"]],
                            {"tensor_parallel_size": 2}, tmp_path)
     print(f"\nvLLM TP=2 parity (binary, learned): {rows}")
-    assert all(agree and delta <= TOLERANCE for per_prompt in rows for agree, delta in per_prompt)
+    assert all(agree and delta <= FP32_PARITY for per_prompt in rows for agree, delta in per_prompt)
 
 
 def test_pipeline_parallel_2_parity_every_input_mode(tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
@@ -71,7 +73,7 @@ def test_pipeline_parallel_2_parity_every_input_mode(tiny_checkpoints: dict[str,
     rows = parallel_parity([tiny_checkpoints[mode] for mode in INPUT_MODES],
                            {"pipeline_parallel_size": 2, "enforce_eager": False}, tmp_path)
     print(f"\nvLLM PP=2 parity {INPUT_MODES}: {rows}")
-    assert all(agree and delta <= TOLERANCE for per_prompt in rows for agree, delta in per_prompt)
+    assert all(agree and delta <= FP32_PARITY for per_prompt in rows for agree, delta in per_prompt)
 
 
 def successes_by_engine(base_url: str) -> dict[str, float]:

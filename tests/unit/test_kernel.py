@@ -19,7 +19,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import scrambled_lift_map  # noqa: E402
 from fmbc_kernels import (  # noqa: E402
     code_norm,
     code_norm_triton,
@@ -27,10 +26,11 @@ from fmbc_kernels import (  # noqa: E402
     fused_kernel_enabled,
     reference_code_norm,
 )
+from support.checkpoints import scrambled_lift_map  # noqa: E402
 
 from fmbc_serve.binary_code import BinaryCode, random_affine  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-5
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -147,7 +147,7 @@ def test_out_of_range_ids_are_rejected_before_launch(bad_id: int, monkeypatch: p
 
     monkeypatch.setattr(code_norm_triton, "code_norm_kernel", launch_must_not_happen)
     ids = torch.tensor([0, 5, bad_id, 999], device=DEVICE)
-    with pytest.raises(ValueError, match=f"token id {bad_id} is out of range"):
+    with pytest.raises(ValueError, match=f"token id {bad_id} is out of vocabulary"):
         fused_code_norm(ids, code, weight, bias, EPS, torch.float32)
 
 

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import require
-from servers import free_port, running_server
+from support.engines import require
+from support.servers import free_port, running_server
 
 from fmbc_serve.parity import reference_greedy
 from fmbc_serve.serve import DEFAULT_MODEL, SERVED_NAME
+from fmbc_serve.tolerances import FP32_PARITY
 
 ENGINES = [pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("sglang", marks=pytest.mark.sglang)]
 API_KEY = "test-" + uuid.uuid4().hex
 CHUNK = 64
-TOLERANCE = 1e-4
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # A small model (or a random one) may keep emitting whitespace between JSON tokens; both engines can forbid it.
 NO_FREE_WHITESPACE = {
@@ -206,7 +206,7 @@ def test_prefix_cache_and_chunked_prefill_match_the_reference(ops: Server, engin
     reference_delta = max(abs(a - b) for a, b in zip(cold + warm, expected.token_logprobs * 2, strict=True))
     print(f"\n{engine}: prompt {len(prompt)} tokens in chunks of {CHUNK}; prefix cache hit {hits:.0f} tokens; "
           f"max |Δlogprob| cached vs cold {cache_delta:.2e}, vs reference {reference_delta:.2e}")
-    assert cache_delta <= TOLERANCE and reference_delta <= TOLERANCE
+    assert cache_delta <= FP32_PARITY and reference_delta <= FP32_PARITY
 
 
 def test_metrics_are_scraped(ops: Server, engine: str) -> None:

@@ -1,0 +1,15 @@
+"""Every numerical tolerance fmbc-serve accepts, named once, with the reason for its size.
+
+Two float32 computations of the same model differ only by rounding: another summation order (a fused q/k/v
+matmul, the engines' kernels, SDPA against a hand-written softmax), about 1e-7 relative per op. Anything a
+tolerance lets through must be smaller than any real difference a wrong conversion or a wrong kernel makes.
+"""
+
+FP32_PARITY = 1e-4
+"""Largest |Δlogprob| (engine vs reference) or |Δlogit| (imported vs source model) between two float32
+computations of one model. Measured: ≤ 2e-6 on the test checkpoints, 3e-5 at the paper's width and vocabulary."""
+
+FP32_MODULE_MATCH = 1e-5
+"""Largest error, relative to the output's scale, under which a foreign module (a norm, an MLP, a block) probed
+by the importer counts as computing our formula. One module's float32 rounding is ~1e-7 relative; the nearest
+wrong candidates (exact vs tanh GELU on the probe, a rotary base off by 1 %) are ≥ 1e-4."""

@@ -1,0 +1,35 @@
+"""Seeded code options and PEFT adapters that the suites build their checkpoints with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+INPUT_MODES = ("binary", "affine", "learned")
+# PEFT target modules: every projection for vLLM; SGLang's LoRA reads `up_proj` as half of a gated MLP.
+LORA_TARGETS = {"vllm": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                "sglang": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}
+
+
+def scrambled_lift_map(num_bits: int, width: int) -> tuple[int, ...]:
+    """A seeded `map`-layout lift that uses every bit, in neither tiled nor interleaved order."""
+    generator = torch.Generator().manual_seed(width)
+    rest = torch.randint(0, num_bits, (width - num_bits,), generator=generator)
+    positions = torch.cat([torch.arange(num_bits), rest])
+    return tuple(positions[torch.randperm(width, generator=generator)].tolist())
+
+
+def make_lora_adapter(checkpoint: str, out_dir: str | Path, seed: int, targets: list[str], rank: int = 8) -> str:
+    """A PEFT LoRA adapter on `targets` of the reference, with random (non-zero) A and B, so that it visibly
+    changes the model; saved as PEFT saves it. Returns its directory."""
+    from peft import LoraConfig, get_peft_model
+
+    from fmbc_serve.modeling_fmbc import FMBCForCausalLM
+
+    torch.manual_seed(seed)
+    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out_dir))
+    return str(out_dir)
