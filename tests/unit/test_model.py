@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from fmbc_serve import FMBCForCausalLM
 from fmbc_serve.checkpoint import make_config
+from fmbc_serve.modeling_fmbc import embed_input
+from fmbc_serve.serve import DEFAULT_MODEL
 
 PROMPTS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116], [7]]
 
@@ -63,7 +65,7 @@ def test_fixed_modes_have_no_input_parameters() -> None:
 def test_input_is_the_binary_code(tiny_checkpoints: dict[str, str]) -> None:
     model = load(tiny_checkpoints["affine"])
     ids = torch.arange(512)
-    assert torch.equal(model.model.input_stage.embed(ids, torch.float32), model.config.binary_code().embed(ids))
+    assert torch.equal(embed_input(model.model.embed_tokens, ids, torch.float32), model.config.binary_code().embed(ids))
 
 
 @pytest.mark.parametrize("mode", ["binary", "learned"])
@@ -114,16 +116,17 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["binary", "affine", "learned"])
+@pytest.mark.parametrize("mode", ["binary", "affine", "learned", "default model"])
 def test_folder_loads_with_remote_code_where_fmbc_serve_is_absent(tiny_checkpoints: dict[str, str],
                                                                  mode: str, tmp_path) -> None:
-    path = tiny_checkpoints[mode]
+    """Every folder we write, the embedded default model's too, loads with transformers alone."""
+    path = str(DEFAULT_MODEL) if mode == "default model" else tiny_checkpoints[mode]
     result = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, path], capture_output=True, text=True,
                             cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["module"].startswith("transformers_modules.")
-    assert remote["vocab"] == 512
+    assert remote["vocab"] == load(path).config.vocab_size
     with torch.no_grad():
         local = load(path)(torch.tensor([remote["ids"]])).logits[0]
     assert torch.equal(torch.tensor(remote["logits"]), local)

@@ -1,42 +1,44 @@
-"""The shared load policy on quantized layers, without an engine: parameters stand in for what an engine's
-quantization method makes (here: int8 `weight` + `weight_scale` on every projection)."""
+"""The one load policy (`fmbc_serve.weights`) without an engine: the bad-checkpoint table on an engine-like model
+and through `fmbc inspect`, pipeline stages, and quantized layers (parameters stand in for what an engine's
+quantization method makes: int8 `weight` + `weight_scale` on every projection)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from support.bad_checkpoints import ACCEPTED, REFUSED, write_variant
 from torch import nn
 
-from fmbc_serve.checkpoint import make_config
-from fmbc_serve.weights import canonical_tensors, engine_name, load_canonical_weights
+from fmbc_serve.checkpoint import inspect_checkpoint, make_config
+from fmbc_serve.weights import (
+    CheckpointError,
+    PipelineStage,
+    canonical_tensors,
+    engine_name,
+    load_canonical_weights,
+)
 
 CONFIG = make_config("tiny")
+WHOLE = PipelineStage.whole(CONFIG)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
                "mlp.down_proj")
 
 
-def quantized_checkpoint() -> dict[str, torch.Tensor]:
-    """Canonical tensors, with every projection as int8 weight + per-channel scale (compressed-tensors W8A8)."""
-    tensors = {name: torch.zeros(shape) for name, shape in canonical_tensors(CONFIG).items()}
-    for name in list(tensors):
-        if name.rpartition(".")[0].endswith(PROJECTIONS):
-            tensors[name] = tensors[name].to(torch.int8)
-            tensors[name.replace(".weight", ".weight_scale")] = torch.ones(tensors[name].shape[0], 1)
-    return tensors
-
-
-def engine_model(layers: range = range(2)):
-    """Engine-like parameters for `layers` (others belong to another pipeline stage), each loader recording."""
+def engine_model(tensors: dict[str, torch.Tensor], stage: PipelineStage = WHOLE):
+    """Engine-like parameters (q/k/v fused into qkv_proj) for the tensors `stage` holds, each loader recording
+    (parameter, shard) and checking the width."""
     calls: list[tuple[str, str | None]] = []
     params: dict[str, nn.Parameter] = {}
-    for name, tensor in quantized_checkpoint().items():
+    for name, tensor in tensors.items():
         target, _ = engine_name(name)
-        if target.startswith("model.layers.") and int(target.split(".")[2]) not in layers:
+        if not stage.holds(name) or target in params:
             continue
         shape = list(tensor.shape)
-        if ".qkv_proj." in target:
+        if ".qkv_proj." in target and name.endswith((".weight", ".bias", ".weight_scale")):
             shape[0] *= 3
         param = nn.Parameter(torch.zeros(shape, dtype=tensor.dtype), requires_grad=False)
 
@@ -49,21 +51,78 @@ def engine_model(layers: range = range(2)):
     return SimpleNamespace(named_parameters=lambda: params.items()), params, calls
 
 
+def good_tensors() -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(shape) for name, shape in canonical_tensors(CONFIG).items()}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_every_reader_refuses_the_bad_checkpoint_with_the_same_words(case: str, tiny_checkpoints,
+                                                                     tmp_path: Path) -> None:
+    change, message = REFUSED[case]
+    bad = write_variant(tiny_checkpoints["binary"], tmp_path / "bad", change)
+    tensors = load_file(Path(bad) / "model.safetensors")
+    model, _, _ = engine_model(good_tensors())
+    with pytest.raises(CheckpointError) as err:
+        load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None, WHOLE)
+    assert message in str(err.value)
+    assert any(message in problem for problem in inspect_checkpoint(bad).problems)
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_accepted_departures_load(case: str, tiny_checkpoints, tmp_path: Path) -> None:
+    ok = write_variant(tiny_checkpoints["binary"], tmp_path / "ok", ACCEPTED[case])
+    tensors = load_file(Path(ok) / "model.safetensors")
+    model, params, _ = engine_model(good_tensors())
+    assert load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None, WHOLE) == set(params)
+    assert inspect_checkpoint(ok).problems == []
+
+
+def test_a_pipeline_stage_loads_its_own_layers_and_checks_the_others() -> None:
+    """Stage 0 of 2 holds the input and layer 0; layer 1, the norm and the head are checked, not loaded, and a bad
+    tensor of theirs is refused all the same."""
+    stage = PipelineStage(0, 1, first=True, last=False)
+    model, params, calls = engine_model(good_tensors(), stage)
+    assert load_canonical_weights(model, good_tensors().items(), CONFIG, lambda p, w: None, stage) == set(params)
+    assert not any(".layers.1." in target or target.startswith("lm_head") for target, _ in calls)
+    for change, message in (REFUSED["int8 weight"], REFUSED["stray weight_scale, no quantization_config"],
+                            REFUSED["mis-shaped tensor"], REFUSED["missing tensor"]):
+        tensors = good_tensors()
+        change(tensors)
+        with pytest.raises(CheckpointError, match="1 problem"):
+            load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None, stage)
+        with pytest.raises(CheckpointError) as err:
+            load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None, stage)
+        assert message.split(" (")[0].split(",")[0] in str(err.value)
+
+
+QUANTIZED = make_config("tiny", quantization_config={"quant_method": "compressed-tensors"})
+
+
+def quantized_checkpoint() -> dict[str, torch.Tensor]:
+    """Canonical tensors, with every projection as int8 weight + per-channel scale (compressed-tensors W8A8)."""
+    tensors = good_tensors()
+    for name in list(tensors):
+        if name.rpartition(".")[0].endswith(PROJECTIONS) and name.endswith(".weight"):
+            tensors[name] = tensors[name].to(torch.int8)
+            tensors[name.replace(".weight", ".weight_scale")] = torch.ones(tensors[name].shape[0], 1)
+    return tensors
+
+
 def test_quantized_layers_load_through_their_own_parameters() -> None:
-    model, params, calls = engine_model()
-    loaded = load_canonical_weights(model, quantized_checkpoint().items(), CONFIG, lambda p, w: None)
+    model, params, calls = engine_model(quantized_checkpoint())
+    loaded = load_canonical_weights(model, quantized_checkpoint().items(), QUANTIZED, lambda p, w: None, WHOLE)
     assert loaded == set(params)
     assert ("model.layers.1.self_attn.qkv_proj.weight_scale", "k") in calls
 
 
 def test_missing_and_misshaped_quantized_tensors_are_named() -> None:
-    model, _, _ = engine_model()
+    model, _, _ = engine_model(quantized_checkpoint())
     tensors = quantized_checkpoint()
     del tensors["model.layers.1.self_attn.k_proj.weight_scale"]
     tensors["model.layers.0.mlp.down_proj.weight_scale"] = torch.ones(128, 3)
     tensors["model.layers.0.mlp.down_proj.weight_zero_point"] = torch.zeros(128, 1)
-    with pytest.raises(ValueError) as err:
-        load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None)
+    with pytest.raises(CheckpointError) as err:
+        load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, WHOLE)
     message = str(err.value)
     assert "missing tensor model.layers.1.self_attn.k_proj.weight_scale" in message
     assert "tensor model.layers.0.mlp.down_proj.weight_scale has shape [128, 3]" in message
@@ -71,12 +130,21 @@ def test_missing_and_misshaped_quantized_tensors_are_named() -> None:
 
 
 def test_other_stages_quantized_tensors_are_not_errors_but_strangers_are() -> None:
-    model, params, _ = engine_model(layers=range(1))  # this stage holds layer 0
+    stage = PipelineStage(0, 1, first=True, last=False)  # this stage holds layer 0
+    model, params, _ = engine_model(quantized_checkpoint(), stage)
     tensors = quantized_checkpoint()
-    loaded = load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None,
-                                    is_elsewhere=lambda name: name not in params)
-    assert loaded == set(params)
+    assert load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, stage) == set(params)
     tensors["model.extra.weight"] = torch.zeros(2)
-    with pytest.raises(ValueError, match=r"unexpected tensor model\.extra\.weight"):
-        load_canonical_weights(model, tensors.items(), CONFIG, lambda p, w: None,
-                               is_elsewhere=lambda name: name not in params)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.extra\.weight"):
+        load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, stage)
+
+
+def test_a_weight_scale_on_a_layer_the_method_leaves_unquantized_is_refused() -> None:
+    """With a quantization_config, the head stays in full precision (llm-compressor's default): a scale for it
+    has no parameter to go to."""
+    tensors = quantized_checkpoint()
+    model, _, _ = engine_model(tensors)
+    tensors["lm_head.weight_scale"] = torch.ones(512, 1)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor lm_head\.weight_scale \(shape \[512, 1\]\): the "
+                                              r"quantization method leaves lm_head unquantized"):
+        load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, WHOLE)

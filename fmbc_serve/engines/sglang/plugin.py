@@ -29,6 +29,8 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from fmbc_serve.binary_code import check_token_ids
+
 DEFAULT_MAX_N = 64
 DEFAULT_MAX_SEQUENCES = 1024
 _TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
@@ -54,14 +56,6 @@ def _fmbc_vocab_size(tokenizer_manager: Any) -> int | None:
     """V when the served model is an FMBC checkpoint, else None (other models are left alone)."""
     config = tokenizer_manager.model_config.hf_config
     return config.vocab_size if getattr(config, "model_type", None) == "fmbc" else None
-
-
-def check_token_ids(input_ids: Any, vocab_size: int) -> None:
-    """Raise ValueError naming the first id outside [0, vocab_size)."""
-    for token_id in input_ids or ():
-        if not 0 <= int(token_id) < vocab_size:
-            raise ValueError(f"token id {int(token_id)} is out of vocabulary: FMBC token ids must lie in "
-                             f"[0, {vocab_size})")
 
 
 def check_sample_counts(sampling_params: Any, num_prompts: int) -> None:

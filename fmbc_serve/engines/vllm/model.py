@@ -1,10 +1,11 @@
 """Inference-only FMBC model for vLLM (written like vLLM's own gpt_j.py / llama.py).
 
-Token ids enter through the reference's `FMBCInputStage` (fixed code or learned table, fused with layer 0's
+Token ids enter through the reference's `input_stage` (fixed code or learned table, fused with layer 0's
 norm where the Triton kernel runs): with a fixed code no V×d table exists, and under tensor parallelism every
 rank computes the full input locally, with no all-reduce (a learned table is vocab-sharded and needs one).
 Layers pass `(hidden_states, residual)` as llama.py does; pipeline parallelism follows llama.py too
-(`make_layers`, `PPMissingLayer`, intermediate tensors). Weights load by the shared policy in
+(`make_layers`, `PPMissingLayer`, intermediate tensors); each block is the reference's `decoder_block`. Weights load by
+the shared policy in
 `fmbc_serve.weights`.
 
 Registered with vLLM by `fmbc_serve.engines.vllm.plugin` (entry point `vllm.general_plugins`). No
@@ -33,7 +34,6 @@ from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP, Supp
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
     extract_layer_index,
-    is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -42,14 +42,8 @@ from vllm.sequence import IntermediateTensors
 
 from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.configuration_fmbc import FMBCConfig
-from fmbc_serve.modeling_fmbc import FMBCInputStage, add_norm
-from fmbc_serve.weights import load_canonical_weights
-
-
-def make_norm(config: FMBCConfig) -> nn.Module:
-    if config.norm_type == "layernorm":
-        return LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return RMSNorm(config.hidden_size, eps=config.norm_eps)
+from fmbc_serve.modeling_fmbc import add_norm, decoder_block, embed_input, input_stage, make_norm
+from fmbc_serve.weights import PipelineStage, load_canonical_weights
 
 
 class FMBCAttention(nn.Module):
@@ -98,7 +92,7 @@ class FMBCMLP(nn.Module):
                                             quant_config=quant_config, prefix=f"{prefix}.up_proj")
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
-        self.act = get_act_fn("gelu_pytorch_tanh" if config.hidden_act == "gelu_tanh" else "gelu")
+        self.act = get_act_fn(config.engine_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.up_proj(x)
@@ -111,19 +105,14 @@ class FMBCDecoderLayer(nn.Module):
                  prefix: str) -> None:
         super().__init__()
         self.layer_idx = extract_layer_index(prefix)
-        self.input_layernorm = make_norm(config)
+        self.input_layernorm = make_norm(config, LayerNorm, RMSNorm)
         self.self_attn = FMBCAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config, LayerNorm, RMSNorm)
         self.mlp = FMBCMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden_states, residual) as in the reference: layer 0 gets the input stage's normalised pair."""
-        if self.layer_idx > 0:
-            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return decoder_block(self, hidden_states, residual, lambda x: self.self_attn(positions, x))
 
 
 @support_torch_compile
@@ -147,15 +136,13 @@ class FMBCModel(nn.Module):
             lambda prefix: FMBCDecoderLayer(config, cache_config, quant_config, prefix=prefix),
             prefix=f"{prefix}.layers",
         )
-        if pp_group.is_first_rank:
-            self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
-        self.norm = make_norm(config) if pp_group.is_last_rank else PPMissingLayer()
+        self.norm = make_norm(config, LayerNorm, RMSNorm) if pp_group.is_last_rank else PPMissingLayer()
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream's start for `input_ids` (what vLLM asks for when it embeds ids itself)."""
-        return self.input_stage.embed(input_ids, self.dtype)
+        return embed_input(self.embed_tokens, input_ids, self.dtype)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None,
@@ -163,9 +150,10 @@ class FMBCModel(nn.Module):
         if not get_pp_group().is_first_rank:
             hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
         elif inputs_embeds is not None:
-            hidden_states, residual = self.input_stage.from_embeddings(inputs_embeds)
+            hidden_states, residual = self.layers[0].input_layernorm(inputs_embeds), inputs_embeds
         else:
-            hidden_states, residual = self.input_stage(input_ids, self.dtype)
+            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
+                                                  self.config.norm_eps, input_ids, self.dtype)
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states, residual = layer(positions, hidden_states, residual)
         if not get_pp_group().is_last_rank:
@@ -204,5 +192,6 @@ class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_canonical_weights(self, weights, self.config, default_weight_loader,
-                                      is_elsewhere=lambda name: is_pp_missing_parameter(name, self))
+        pp = get_pp_group()
+        stage = PipelineStage(self.model.start_layer, self.model.end_layer, pp.is_first_rank, pp.is_last_rank)
+        return load_canonical_weights(self, weights, self.config, default_weight_loader, stage)

@@ -4,7 +4,7 @@ In the style of SGLang's gpt_j.py / llama.py: tensor-parallel linears with fused
 paged KV cache, ParallelLMHead and LogitsProcessor, layers passing `(hidden_states, residual)`, and pipeline
 parallelism as SGLang's orion.py / llama.py have it (`make_pp_layers`, `PPMissingLayer`, the pair sent between
 stages as `PPProxyTensors`). Token ids enter
-through the reference's `FMBCInputStage` (fixed code, no V×d table, or a VocabParallelEmbedding in `learned`
+through the reference's `input_stage` (fixed code, no V×d table, or a VocabParallelEmbedding in `learned`
 mode; fused with layer 0's norm where the Triton kernel runs). Ids are validated per request by
 `fmbc_serve.engines.sglang.plugin`, so the hot path does no range check (it would force a device sync every
 step). Weights load by the shared policy in `fmbc_serve.weights`.
@@ -34,20 +34,18 @@ from torch import nn
 from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.configuration_fmbc import FMBCConfig
 from fmbc_serve.modeling_fmbc import (  # plain torch norms and RoPE maths, exactly as the reference has them
-    FMBCInputStage,
     add_norm,
     apply_rotary,
+    decoder_block,
+    embed_input,
+    input_stage,
     make_norm,
     rotary_cos_sin,
     rotary_inv_freq,
 )
-from fmbc_serve.weights import load_canonical_weights
+from fmbc_serve.weights import PipelineStage, load_canonical_weights
 
 logger = logging.getLogger(__name__)
-
-# SGLang's activation names for FMBCConfig.hidden_act.
-_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
 
 class NeoxRotaryFallback(nn.Module):
     """The reference's RoPE with SGLang's rotary call signature, on q/k of shape [T, heads * head_dim]. Used
@@ -131,7 +129,7 @@ class FMBCMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
             quant_config=quant_config, prefix=add_prefix("down_proj", prefix),
         )
-        self.act = get_act_fn(_ACTIVATIONS[config.hidden_act])
+        self.act = get_act_fn(config.engine_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.up_proj(x)
@@ -140,14 +138,13 @@ class FMBCMLP(nn.Module):
 
 
 class FMBCDecoderLayer(nn.Module):
-    """Pre-norm block passing (hidden_states, residual) as the reference does: layer 0 gets the input stage's
-    normalised pair."""
+    """Pre-norm block on the `(hidden_states, residual)` pair: the reference's `decoder_block`."""
 
     def __init__(
         self, config: FMBCConfig, layer_id: int, quant_config: QuantizationConfig | None = None, prefix: str = ""
     ) -> None:
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_idx = layer_id
         self.input_layernorm = make_norm(config)
         self.self_attn = FMBCAttention(config, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
         self.post_attention_layernorm = make_norm(config)
@@ -156,16 +153,13 @@ class FMBCDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, forward_batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layer_id > 0:
-            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
-        hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return decoder_block(self, hidden_states, residual, lambda x: self.self_attn(positions, x, forward_batch))
 
 
 class FMBCModel(nn.Module):
     def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
+        self.config = config
         self.pp_group = get_parallel().pp_group
         if not self.pp_group.is_first_rank:
             self.embed_tokens = PPMissingLayer()
@@ -181,8 +175,6 @@ class FMBCModel(nn.Module):
             lambda idx, prefix: FMBCDecoderLayer(config, idx, quant_config, prefix=prefix),
             prefix=add_prefix("layers", prefix),
         )
-        if self.pp_group.is_first_rank:
-            self.input_stage = FMBCInputStage(self.embed_tokens, self.layers[0].input_layernorm, config.norm_eps)
         self.norm = make_norm(config) if self.pp_group.is_last_rank else PPMissingLayer()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
@@ -191,9 +183,10 @@ class FMBCModel(nn.Module):
         if not self.pp_group.is_first_rank:
             hidden_states, residual = pp_proxy_tensors["hidden_states"], pp_proxy_tensors["residual"]
         elif input_embeds is None:
-            hidden_states, residual = self.input_stage(input_ids, self.dtype)
+            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
+                                                  self.config.norm_eps, input_ids, self.dtype)
         else:
-            hidden_states, residual = self.input_stage.from_embeddings(input_embeds)
+            hidden_states, residual = self.layers[0].input_layernorm(input_embeds), input_embeds
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](positions, hidden_states, residual, forward_batch)
         if not self.pp_group.is_last_rank:
@@ -229,7 +222,7 @@ class FMBCForCausalLM(nn.Module):
 
     def get_input_embeddings(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """What SGLang calls to embed ids itself (token-embedding overrides, context parallelism)."""
-        return lambda input_ids: self.model.input_stage.embed(input_ids, self.model.dtype)
+        return lambda input_ids: embed_input(self.model.embed_tokens, input_ids, self.model.dtype)
 
     @torch.no_grad()
     def forward(
@@ -264,10 +257,10 @@ class FMBCForCausalLM(nn.Module):
         return dims[module_name]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The shared policy; parameters of other pipeline stages are checked, not loaded."""
-        params = dict(self.named_parameters())
-        return load_canonical_weights(self, weights, self.config, default_weight_loader,
-                                      is_elsewhere=lambda name: name not in params)
+        """The shared policy; tensors of other pipeline stages are checked, not loaded."""
+        stage = PipelineStage(self.start_layer, self.end_layer, self.pp_group.is_first_rank,
+                              self.pp_group.is_last_rank)
+        return load_canonical_weights(self, weights, self.config, default_weight_loader, stage)
 
 
 EntryClass = FMBCForCausalLM
