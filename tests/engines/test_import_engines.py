@@ -14,7 +14,7 @@ from support.foreign import write_foreign
 from support.servers import free_port, running_server
 
 from fmbc_serve.engines import runner
-from fmbc_serve.importer import logits_of
+from fmbc_serve.importer.source import logits_of
 from fmbc_serve.tolerances import FP32_PARITY
 
 PROMPTS = [[5, 17, 200, 3, 99], [42], list(range(1, 40))]

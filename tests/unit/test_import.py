@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from support.foreign import write_foreign
 
 from fmbc_serve.cli import main
-from fmbc_serve.importer import REPORT_FILE, logits_of
+from fmbc_serve.importer import REPORT_FILE
+from fmbc_serve.importer.source import logits_of
 
 TEXTS = ["Question: What is FMBC?\nAnswer:", "In the beginning", "x = [1, 2, 3]"]
 
@@ -263,10 +264,10 @@ def test_an_existing_output_folder_is_not_overwritten(capsys, tmp_path: Path) ->
 
 def test_a_rotary_base_named_nowhere_is_found_by_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide the nanoGPT fixture's base (20,000, config key `rope_base`) from every hint: the fit finds it."""
-    from fmbc_serve import importer
+    from fmbc_serve.importer import attention, import_checkpoint
 
-    monkeypatch.setattr(importer, "THETA_KEYS", ())
-    monkeypatch.setattr(importer, "COMMON_THETAS", (10000.0,))
+    monkeypatch.setattr(attention, "THETA_KEYS", ())
+    monkeypatch.setattr(attention, "COMMON_THETAS", (10000.0,))
     src = write_foreign("nanogpt", tmp_path / "src")
-    recognised = importer.import_checkpoint(src, tmp_path / "out", trust_remote_code=True, progress=False)
+    recognised = import_checkpoint(src, tmp_path / "out", trust_remote_code=True, progress=False)
     assert recognised.attention["theta"] == 20000.0 and recognised.attention["rotary"] == "interleaved"

@@ -1,0 +1,108 @@
+"""The foreign checkpoint: loading it as transformers does, and running it (its logits, what a module receives).
+
+Its code is someone else's: nothing here assumes a signature beyond `model(ids)`, and every output form
+(HF outputs, `(logits, ...)` tuples, a bare tensor) is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..configuration_fmbc import FMBCConfig
+from .errors import ImportRefused
+
+
+def load_foreign(src: str, trust_remote_code: bool) -> tuple[nn.Module, object]:
+    """The foreign model (fp32, eval) and tokenizer, as `AutoModelForCausalLM` / `AutoTokenizer` load them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_path = Path(src) / "config.json"
+    if Path(src).is_dir():
+        if not config_path.is_file():
+            raise ImportRefused(f"{src} has no config.json: not a Hugging Face checkpoint folder")
+        raw = json.loads(config_path.read_text())
+        if raw.get("model_type") == FMBCConfig.model_type:
+            raise ImportRefused(f"{src} is already an fmbc-serve checkpoint: serve it directly (fmbc serve {src})")
+        if raw.get("auto_map") and not trust_remote_code:
+            files = sorted({ref.split(".")[0] + ".py" for ref in auto_map_refs(raw["auto_map"])})
+            raise ImportRefused(
+                f"{src} ships its own model code ({', '.join(files)}); importing must run it, to observe the "
+                "input code its first block receives and to prove the conversion against it. Read that code, "
+                "then pass --trust-remote-code to allow it")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 (foreign code can raise anything; the user needs its message)
+        raise ImportRefused(f"{src} does not load with transformers (trust_remote_code={trust_remote_code}): "
+                            f"{type(err).__name__}: {err}") from err
+    return model.float().eval(), tokenizer
+
+
+def auto_map_refs(auto_map: dict) -> Iterator[str]:
+    for ref in auto_map.values():
+        yield from ([ref] if isinstance(ref, str) else [r for r in ref if r])
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T', V] of a causal LM called as `model(ids)`: HF outputs, (logits, ...) tuples or a tensor.
+    Models that return only the last position's logits (nanoGPT) give T' = 1."""
+    out = model(ids)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Stop(Exception):
+    pass
+
+
+def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor,
+                   stop_after_first: bool = False) -> list[torch.Tensor]:
+    """The tensor entering each of `modules` (the residual stream, for blocks and the final norm) when the
+    model runs on `ids` [B, T], in float32. `stop_after_first` aborts the forward once the first is seen."""
+    streams: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        streams.append(hidden.detach().float())
+        if stop_after_first:
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            logits_of(model, ids)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return streams
+
+
+def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, progress: bool = False,
+                   chunk: int = 4096) -> torch.Tensor:
+    """The first block's input for every id as a one-token sequence: [V, d], the foreign model's input code
+    (whether a stored table or computed in `forward`)."""
+    from tqdm import tqdm
+
+    rows = []
+    for start in tqdm(range(0, vocab, chunk), desc="observing the input of every id", disable=not progress):
+        ids = torch.arange(start, min(vocab, start + chunk)).unsqueeze(1)
+        rows.append(observe_stream(model, [first_block], ids, stop_after_first=True)[0][:, 0])
+    return torch.cat(rows)
+
+
+def copy_tokenizer_code(src: str, out: Path) -> None:
+    """A tokenizer with code of its own keeps it: copy the modules its saved `auto_map` names from SRC."""
+    saved = out / "tokenizer_config.json"
+    auto_map = json.loads(saved.read_text()).get("auto_map") if saved.is_file() else None
+    if auto_map and Path(src).is_dir():
+        for module in {ref.rpartition("--")[2].split(".")[0] for ref in auto_map_refs(auto_map)}:
+            shutil.copyfile(Path(src) / f"{module}.py", out / f"{module}.py")
