@@ -25,6 +25,16 @@ class CommandError(Exception):
     """A problem with the user's input: printed as `fmbc: error: ...` with exit status 2, no traceback."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input, not a bug: each is printed as one line (exit status 2). Anything else keeps
+    its traceback, so a bug inside fmbc-serve never reads like the user's mistake."""
+    from .configuration_fmbc import ConfigError
+    from .importer import ImportRefused
+    from .weights import CheckpointError
+
+    return CommandError, ConfigError, CheckpointError, ImportRefused, FileNotFoundError
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .checkpoint import init_checkpoint, inspect_checkpoint, make_config
 
@@ -72,8 +82,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .checkpoint import load_config
     from .modeling_fmbc import FMBCForCausalLM
 
+    load_config(args.dir)  # names a folder that is no FMBC checkpoint before transformers does
     tokenizer = AutoTokenizer.from_pretrained(args.dir)
     model = FMBCForCausalLM.from_pretrained(args.dir, dtype=torch.float32).eval()
     inputs = tokenizer(args.prompt, return_tensors="pt")
@@ -92,8 +104,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .checkpoint import load_config
     from .parity import DEFAULT_PROMPTS, run_parity
 
+    load_config(args.dir)
     tokenizer = AutoTokenizer.from_pretrained(args.dir)
     texts = args.prompt or list(DEFAULT_PROMPTS)
     prompts = [tokenizer(text)["input_ids"] for text in texts]
@@ -232,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CommandError, ValueError, FileNotFoundError, OSError) as err:
+    except user_errors() as err:
         parser.exit(2, f"fmbc {args.command}: error: {err}\n")
 
 

@@ -74,6 +74,28 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert result.returncode == 2 and "exceeds the context length 256" in result.stderr
 
 
+def test_known_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A refusal or bad input exits 2 with one line; an error fmbc-serve did not expect is a bug and must show
+    where it happened (a ValueError inside the importer must not read like the user's mistake)."""
+    from fmbc_serve import importer
+    from fmbc_serve.cli import main
+
+    fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
+    result = fmbc("import", str(tmp_path / "t"), "--out", str(tmp_path / "o"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("fmbc import: error:") and "already an fmbc-serve" in \
+        result.stderr
+    result = fmbc("generate", str(tmp_path / "nowhere"), "Hi", check=False)
+    assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(importer, "load_foreign", broken)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["import", str(tmp_path / "t"), "--out", str(tmp_path / "o")])
+
+
 def serve_args(argv: list[str]):
     """`fmbc ARGV` parsed as `fmbc serve` parses it, without starting an engine."""
     from fmbc_serve.cli import build_parser
