@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "unit")]  # the kernel test's helpers, and the `support` they import
 
 import fmbc_kernels  # noqa: E402
 from test_kernel import DEVICE, EPS, boundary_ids, norm_params  # noqa: E402

@@ -15,15 +15,18 @@ common=(--data data/kjv.txt --vocab-size 4096 --hidden-size 256 --layers 4 --hea
 "$venv/bin/fmbc" train "${common[@]}" --input-mode learned --out runs/kjv1024-learned > runs/kjv1024-learned.log 2>&1 &
 wait
 "$venv/bin/python" - <<'PY'
-import json, shutil
+import shutil
 from pathlib import Path
 source, target = Path("runs/kjv1024-binary"), Path("fmbc_serve/default_model")
 target.mkdir(exist_ok=True)
 for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "generation_config.json"):
+             "generation_config.json", "config.json"):
     shutil.copyfile(source / name, target / name)
-config = json.loads((source / "config.json").read_text())
-config.pop("auto_map")  # the package itself provides the code (no remote-code files are shipped here)
-(target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+# The remote-code files stay symbolic links to the package's own sources (one copy of the code in the repository;
+# the wheel and the Docker images carry their contents), so transformers alone loads the folder like any other.
+for name in ("binary_code.py", "configuration_fmbc.py", "modeling_fmbc.py"):
+    link = target / name
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path("..") / name)
 PY
 tail -n 1 runs/kjv1024-binary/train_log.jsonl runs/kjv1024-learned/train_log.jsonl

@@ -243,7 +243,7 @@ def test_image_install_contains_the_engine_plugins(tmp_path: Path) -> None:
                           ("sglang.srt.plugins", "fmbc_serve.engines.sglang.plugin:register")):
         assert f"[{group}]" in entry_points and target in entry_points, entry_points
     for module in ("fmbc_serve/engines/vllm/plugin.py", "fmbc_serve/engines/sglang/plugin.py",
-                   "fmbc_serve/sglang_models/fmbc.py", "fmbc_kernels/__init__.py"):
+                   "fmbc_serve/engines/sglang/models/fmbc.py", "fmbc_kernels/__init__.py"):
         assert (site / module).is_file(), module
 
 
