@@ -5,7 +5,7 @@
     fmbc generate DIR "prompt" [--max-new-tokens N] [--greedy]
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
-    fmbc import SRC --out DIR [--trust-remote-code]
+    fmbc import SRC --out DIR [--trust-remote-code] [--set FIELD=VALUE ...] [--dtype auto|float32|bfloat16|float16]
     fmbc serve [DIR] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY] [ENGINE FLAGS...]
     fmbc quantize DIR --out DIR [--scheme W8A8|W4A16]
 """
@@ -136,8 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .importer import format_report, import_checkpoint
+    from .importer.facts import parse_overrides
 
-    recognised = import_checkpoint(args.src, args.out, trust_remote_code=args.trust_remote_code)
+    recognised = import_checkpoint(args.src, args.out, trust_remote_code=args.trust_remote_code,
+                                   overrides=parse_overrides(args.set), dtype=DTYPES.get(args.dtype))
     print(format_report(recognised))
     print(f"wrote {args.out}: proven equal to {args.src} (max |Δlogit| "
           f"{recognised.proof['max_abs_delta_logit']:.2e}); serve it with: fmbc serve {args.out}")
@@ -215,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new output folder")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow running the checkpoint's own Python code (needed when it ships any)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a fact you know, as a config field (max_position_embeddings=2048, rope_theta=500000, "
+                        "norm_eps=1e-6, ...): replaces what would be inferred; the proof still checks it (repeatable)")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="dtype of the written weights (default: the dtype the source stores them in)")
     p.set_defaults(func=cmd_import)
 
     from .serve import add_arguments as add_serve_arguments

@@ -12,6 +12,9 @@ from transformers import PretrainedConfig
 from .binary_code import BinaryCode, CodeError, check_code_options, code_bits
 
 INPUT_MODES = ("binary", "affine", "learned")
+# How a block combines attention and MLP: one after the other (Llama, GPT-2), side by side on the same input with a
+# norm each (GPT-NeoX / Pythia's parallel residual), or side by side on one shared norm (GPT-J).
+BLOCK_STYLES = ("sequential", "parallel", "parallel_shared_norm")
 NORM_TYPES = ("layernorm", "rmsnorm")
 # hidden_act -> (torch's F.gelu `approximate`, the transformers ACT2FN name that vLLM's and SGLang's get_act_fn take)
 ACTIVATIONS = {"gelu": ("none", "gelu"), "gelu_tanh": ("tanh", "gelu_pytorch_tanh")}
@@ -44,7 +47,10 @@ class FMBCConfig(PretrainedConfig):
             import` when a foreign checkpoint lifts its bits in another fixed order).
         affine_rows: A as K row bitmasks (affine mode). affine_bias: b as a K-bit integer (affine mode).
         norm_type: `layernorm` (weight and bias) or `rmsnorm` (weight). norm_eps: its epsilon.
-        attention_bias, mlp_bias: biases on the attention and MLP projections.
+        attention_bias, mlp_bias: biases on the attention and MLP projections. lm_head_bias: a bias on the output
+            head (GPT-J has one).
+        block_style: `sequential` (x + attn(ln1(x)), then + mlp(ln2(.))), `parallel` (x + attn(ln1(x)) +
+            mlp(ln2(x)), GPT-NeoX) or `parallel_shared_norm` (x + attn(ln(x)) + mlp(ln(x)), GPT-J: no second norm).
         hidden_act: `gelu` (exact, erf) or `gelu_tanh`.
         rope_theta: RoPE base. rotary_pct: fraction of head_dim that is rotated (NeoX-style halves).
         initializer_range: std of the normal init of weights.
@@ -73,6 +79,8 @@ class FMBCConfig(PretrainedConfig):
         norm_eps: float = 1e-5,
         attention_bias: bool = False,
         mlp_bias: bool = False,
+        lm_head_bias: bool = False,
+        block_style: str = "sequential",
         hidden_act: str = "gelu",
         rope_theta: float = 10000.0,
         rotary_pct: float = 1.0,
@@ -102,6 +110,8 @@ class FMBCConfig(PretrainedConfig):
         self.norm_eps = norm_eps
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
+        self.lm_head_bias = lm_head_bias
+        self.block_style = block_style
         self.hidden_act = hidden_act
         self.rope_theta = float(rope_theta)
         self.rotary_pct = float(rotary_pct)
@@ -133,6 +143,8 @@ class FMBCConfig(PretrainedConfig):
         need(self.input_mode in INPUT_MODES, "input_mode", f"must be one of {INPUT_MODES}, got {self.input_mode!r}")
         need(self.norm_type in NORM_TYPES, "norm_type", f"must be one of {NORM_TYPES}, got {self.norm_type!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        need(self.block_style in BLOCK_STYLES, "block_style",
+             f"must be one of {BLOCK_STYLES}, got {self.block_style!r}")
         need(self.hidden_act in ACTIVATIONS, "hidden_act",
              f"must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")

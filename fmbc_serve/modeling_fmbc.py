@@ -1,8 +1,9 @@
 """FMBC reference model for Hugging Face transformers.
 
-A pre-norm decoder-only Transformer (rotary attention, GELU MLP, untied output head) whose input is the token
-id's fixed binary code lifted to model width (no parameters), or, in `learned` mode, the paper's learned
-embedding table. This is the reference every engine is checked against; it favours plain, readable PyTorch.
+A pre-norm decoder-only Transformer (rotary attention, GELU MLP, sequential or parallel blocks, untied output
+head) whose input is the token id's fixed binary code lifted to model width (no parameters), or, in `learned`
+mode, the paper's learned embedding table. This is the reference every engine is checked against; it favours
+plain, readable PyTorch.
 
 It imports only torch, transformers and its two siblings with relative imports, so the three files copied into
 a checkpoint folder load with `trust_remote_code=True` where fmbc_serve is not installed. The engines import
@@ -116,13 +117,20 @@ def decoder_block(layer: nn.Module, hidden_states: torch.Tensor, residual: torch
                   attend: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block on the `(hidden_states, residual)` pair, as vLLM's and SGLang's llama pass it: the
     previous block's output and the stream it is added to. The same function runs the reference's and both
-    engines' layers (`layer_idx`, `input_layernorm`, `post_attention_layernorm`, `mlp`; `attend` is the layer's
-    attention with the engine's extra arguments bound). Layer 0 receives the input stage's pair (its normalised
-    input and the stream), so it skips the add-then-normalise step."""
+    engines' layers (`layer_idx`, `block_style`, `input_layernorm`, `post_attention_layernorm` unless the norm is
+    shared, `mlp`; `attend` is the layer's attention with the engine's extra arguments bound).
+
+    Layer 0 receives the input stage's pair (its normalised input and the stream), so it skips the
+    add-then-normalise step. A parallel block returns attention + MLP as its output and leaves the stream as it
+    came in: the next block (or the final norm) adds both at once, x + attn(ln1(x)) + mlp(ln2(x))."""
     if layer.layer_idx > 0:
         hidden_states, residual = add_norm(layer.input_layernorm, hidden_states, residual)
-    hidden_states, residual = add_norm(layer.post_attention_layernorm, attend(hidden_states), residual)
-    return layer.mlp(hidden_states), residual
+    if layer.block_style == "sequential":
+        hidden_states, residual = add_norm(layer.post_attention_layernorm, attend(hidden_states), residual)
+        return layer.mlp(hidden_states), residual
+    mlp_input = hidden_states if layer.block_style == "parallel_shared_norm" else layer.post_attention_layernorm(
+        residual)
+    return attend(hidden_states) + layer.mlp(mlp_input), residual
 
 
 class FMBCAttention(nn.Module):
@@ -173,9 +181,11 @@ class FMBCDecoderLayer(nn.Module):
     def __init__(self, config: FMBCConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.block_style = config.block_style
         self.input_layernorm = make_norm(config)
         self.self_attn = FMBCAttention(config, layer_idx)
-        self.post_attention_layernorm = make_norm(config)
+        if config.block_style != "parallel_shared_norm":
+            self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config)
 
     def forward(self, hidden_states, residual, rotary, attention_mask, past_key_values):
@@ -281,7 +291,7 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
     def __init__(self, config: FMBCConfig) -> None:
         super().__init__(config)
         self.model = FMBCModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

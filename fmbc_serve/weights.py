@@ -81,11 +81,12 @@ def canonical_tensors(config: FMBCConfig) -> dict[str, tuple[int, ...]]:
         tensors.update(norm(f"{layer}.input_layernorm"))
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             tensors.update(linear(f"{layer}.self_attn.{proj}", d, d, config.attention_bias))
-        tensors.update(norm(f"{layer}.post_attention_layernorm"))
+        if config.block_style != "parallel_shared_norm":
+            tensors.update(norm(f"{layer}.post_attention_layernorm"))
         tensors.update(linear(f"{layer}.mlp.up_proj", inner, d, config.mlp_bias))
         tensors.update(linear(f"{layer}.mlp.down_proj", d, inner, config.mlp_bias))
     tensors.update(norm("model.norm"))
-    tensors["lm_head.weight"] = (config.vocab_size, d)
+    tensors.update(linear("lm_head", config.vocab_size, d, config.lm_head_bias))
     return tensors
 
 

@@ -31,3 +31,13 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
         mode: str(init_checkpoint(make_config("tiny", input_mode=mode), root / mode, seed=0))
         for mode in INPUT_MODES
     }
+
+
+@pytest.fixture(scope="session")
+def house_style_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One float32 `tiny` checkpoint per parallel block style (GPT-NeoX's, GPT-J's), with non-trivial norms and
+    biases: {"parallel": dir, "parallel_shared_norm": dir}."""
+    from support.checkpoints import HOUSE_STYLES, write_house_style
+
+    root = tmp_path_factory.mktemp("house")
+    return {style: write_house_style(root / style, style) for style in HOUSE_STYLES}

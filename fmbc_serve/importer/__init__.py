@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,55 +15,74 @@ from torch import nn
 from ..configuration_fmbc import FMBCConfig
 from ..modeling_fmbc import FMBCForCausalLM
 from ..weights import canonical_tensors
-from .attention import config_value, recognise_attention, rotary_pct
+from .attention import recognise_attention, rotary_pct
 from .code import solve_code
 from .convert import complete, convert_block
 from .errors import ImportRefused
+from .facts import context_length
 from .probes import probe_activation, probe_norm
 from .proof import prove
-from .report import REPORT_FILE, Recognised, format_report
-from .source import copy_tokenizer_code, load_foreign, observe_inputs, observe_stream
+from .report import REPORT_FILE, Recognised, format_report, provenance
+from .source import copy_tokenizer_code, load_foreign, observe_inputs, observe_stream, stored_dtype
 from .structure import Structure, discover, matrix, norm_shift, norm_tensors
 
 __all__ = ["REPORT_FILE", "ImportRefused", "Recognised", "format_report", "import_checkpoint", "recognise"]
 
-# Config keys foreign code uses for the same quantity (the first one present wins; all are checked by testing).
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "n_ctx", "context_length",
-                "seq_length", "max_sequence_length")
+@dataclass
+class Conversion:
+    """What recognition produced: the report, the foreign structure, our config, our tensors (views of the foreign
+    ones where nothing changes) and the foreign first block's input for every id (what the proof holds ours to)."""
+
+    recognised: Recognised
+    structure: Structure
+    config: FMBCConfig
+    tensors: dict[str, torch.Tensor]
+    input_table: torch.Tensor
 
 
-def recognise(model: nn.Module, source: str, progress: bool = False
-              ) -> tuple[Recognised, Structure, FMBCConfig, dict[str, torch.Tensor]]:
-    """Solve a foreign model into our config and tensors (proven separately by `prove`)."""
+def recognise(model: nn.Module, tokenizer: object, source: str, overrides: dict[str, object] | None = None,
+              progress: bool = False) -> Conversion:
+    """Solve a foreign model into our config and tensors (proven separately by `prove`). `overrides` are the
+    user's own facts (FMBCConfig fields): each replaces what would be inferred, and the proof still checks it."""
+    overrides = overrides or {}
     structure = discover(model)
     block, layout, width, vocab = structure.blocks[0], structure.layout, structure.width, structure.vocab
     final_norm, head = model.get_submodule(structure.final_norm_name), model.get_submodule(structure.head_name)
-    context = config_value(model.config, CONTEXT_KEYS)
-    if not isinstance(context, int):
-        raise ImportRefused(f"the config names no context length (looked for {', '.join(CONTEXT_KEYS)})")
+    context, context_source = context_length(model, block, tokenizer, overrides)
     table = observe_inputs(model, block, vocab, progress)
     code_fields, code_note = solve_code(table)
     get = block.get_submodule
-    norm_kind, eps = probe_norm(get(layout.attn_norm), width)
-    for other in (get(layout.mlp_norm), final_norm):
-        if probe_norm(other, width) != (norm_kind, eps):
-            raise ImportRefused("the model's norms differ in type or eps; FMBC uses one norm throughout")
+    if {"norm_type", "norm_eps"} <= overrides.keys():
+        norm_kind, eps = str(overrides["norm_type"]), float(overrides["norm_eps"])
+    else:
+        norm_kind, eps = probe_norm(get(layout.attn_norm), width)
+        for name, other in every_norm(structure, model):
+            if (found := probe_norm(other, width)) != (norm_kind, eps):
+                raise ImportRefused(f"the model's norms differ: {name} is {found[0]} with eps {found[1]:g}, the "
+                                    f"first block's attention norm {norm_kind} with eps {eps:g}; FMBC uses one norm "
+                                    "throughout")
     mlp_parent = layout.down.rpartition(".")[0]
-    activations = probe_activation(get(mlp_parent) if mlp_parent else block, get(layout.up), get(layout.down),
-                                   width)
+    if "hidden_act" in overrides:
+        activations = [overrides["hidden_act"]]
+    elif not mlp_parent:  # up and down sit in the block itself: no MLP module to call alone, the block test decides
+        activations = ["gelu", "gelu_tanh"]
+    else:
+        activations = probe_activation(get(mlp_parent), get(layout.up), get(layout.down), width)
     fields = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(structure.blocks),
                   intermediate_size=matrix(get(layout.down)).shape[1], max_position_embeddings=context,
-                  norm_type=norm_kind, norm_eps=eps,
+                  norm_type=norm_kind, norm_eps=eps, block_style=overrides.get("block_style", layout.block_style),
+                  lm_head_bias=getattr(head, "bias", None) is not None,
                   attention_bias=any(getattr(get(n), "bias", None) is not None for n in (*layout.qkv, layout.out)),
                   mlp_bias=any(getattr(get(n), "bias", None) is not None for n in (layout.up, layout.down)))
     sample = torch.randint(0, vocab, (2, min(context, 24)), generator=torch.Generator().manual_seed(2))
     streams = observe_stream(model, structure.stream_modules(model)[:2], sample)
-    conv, act = recognise_attention(model, block, layout, fields, streams, activations)
+    conv, act = recognise_attention(model, block, layout, fields, streams, activations, overrides)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(getattr(model.config, key, None), int):
             fields[key] = getattr(model.config, key)
     fields.update(code_fields, num_attention_heads=conv.heads, hidden_act=act, rope_theta=conv.theta,
                   rotary_pct=rotary_pct(conv.rotary_dim, width // conv.heads))
+    fields.update(overrides)
     config = FMBCConfig(**fields)
     tensors: dict[str, torch.Tensor] = {}
     for i, foreign_block in enumerate(structure.blocks):
@@ -71,19 +90,33 @@ def recognise(model: nn.Module, source: str, progress: bool = False
     tensors["model.norm.weight"] = norm_tensors(final_norm)[0].detach()
     tensors["model.norm.bias"] = norm_shift(final_norm).detach()
     tensors["lm_head.weight"] = matrix(head).detach()
+    if config.lm_head_bias:
+        tensors["lm_head.bias"] = head.bias.detach()
     if config.input_mode == "learned":
         tensors["model.embed_tokens.weight"] = table
     recognised = Recognised(source=source, config=fields, code=code_note, attention=asdict(conv),
                             norm={"type": norm_kind, "eps": eps}, activation=act,
-                            names=name_mapping(structure, config.input_mode))
-    return recognised, structure, config, complete(tensors, canonical_tensors(config))
+                            names=name_mapping(structure, config.input_mode),
+                            facts={"max_position_embeddings": context_source,
+                                   **{field: "--set" for field in overrides}})
+    return Conversion(recognised, structure, config, complete(tensors, canonical_tensors(config)), table)
+
+
+def every_norm(structure: Structure, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every norm of the model by its full name: each block's (one or two) and the final norm."""
+    layout, stack = structure.layout, structure.stack_name
+    norms = [(f"{stack}.{i}.{name}", block.get_submodule(name)) for i, block in enumerate(structure.blocks)
+             for name in (layout.attn_norm, layout.mlp_norm) if name]
+    return norms + [(structure.final_norm_name, model.get_submodule(structure.final_norm_name))]
 
 
 def name_mapping(structure: Structure, input_mode: str) -> dict[str, str]:
     """Foreign module -> ours, for the report (`{i}` stands for every block index)."""
     layout = structure.layout
-    parts = [("input_layernorm", layout.attn_norm), ("post_attention_layernorm", layout.mlp_norm),
-             ("self_attn.o_proj", layout.out), ("mlp.up_proj", layout.up), ("mlp.down_proj", layout.down)]
+    parts = [("input_layernorm", layout.attn_norm), ("self_attn.o_proj", layout.out), ("mlp.up_proj", layout.up),
+             ("mlp.down_proj", layout.down)]
+    if layout.mlp_norm:
+        parts.append(("post_attention_layernorm", layout.mlp_norm))
     if len(layout.qkv) == 1:
         parts.append(("self_attn.q_proj + k_proj + v_proj", layout.qkv[0]))
     else:
@@ -97,10 +130,12 @@ def name_mapping(structure: Structure, input_mode: str) -> dict[str, str]:
     return names
 
 
-def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = False, progress: bool = True
-                      ) -> Recognised:
+def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = False,
+                      overrides: dict[str, object] | None = None, dtype: torch.dtype | None = None,
+                      progress: bool = True) -> Recognised:
     """Convert SRC into an fmbc-serve checkpoint at `out_dir`, proven equal to SRC, or raise ImportRefused
-    leaving `out_dir` untouched (SRC is only read)."""
+    leaving `out_dir` untouched (SRC is only read). The weights are written in `dtype`, by default the dtype SRC
+    stores them in; the proof runs in float32 on the source upcast and the written checkpoint read back."""
     from ..checkpoint import save_checkpoint
     from ..tokenizer import CHAT_TEMPLATE
 
@@ -108,21 +143,25 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
     if out.exists() and any(out.iterdir()):
         raise ImportRefused(f"{out} exists and is not empty; choose a new folder")
     foreign, tokenizer = load_foreign(src, trust_remote_code)
-    recognised, structure, config, tensors = recognise(foreign, src, progress)
+    conversion = recognise(foreign, tokenizer, src, overrides, progress)
+    recognised = conversion.recognised
+    dtype = dtype or stored_dtype(src, foreign)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = FMBCForCausalLM(config)
-        model.load_state_dict(tensors, strict=True, assign=True)
+        model = FMBCForCausalLM(conversion.config)
+        model.load_state_dict(conversion.tensors, strict=True, assign=True)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHAT_TEMPLATE
             recognised.names["(chat template)"] = "added (the source has none)"
-        save_checkpoint(model.eval(), tokenizer, staging)
+        save_checkpoint(model.to(dtype).eval(), tokenizer, staging)
         copy_tokenizer_code(src, staging)
-        del model, tensors
+        del model, conversion.tensors
         written = FMBCForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
-        recognised.proof = prove(foreign, structure, written, progress)
+        recognised.proof = prove(foreign, conversion.structure, written, conversion.input_table, progress)
+        recognised.proof["written_dtype"] = str(dtype).removeprefix("torch.")
         (staging / REPORT_FILE).write_text(json.dumps(asdict(recognised), indent=2) + "\n")
+        (staging / "README.md").write_text(provenance(recognised))
         if out.exists():
             out.rmdir()
         staging.rename(out)

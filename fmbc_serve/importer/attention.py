@@ -71,14 +71,20 @@ def rotary_pct(rotary_dim: int, head_dim: int) -> float:
 
 
 def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout, fields: dict,
-                        streams: list[torch.Tensor], activations: list[str]) -> tuple[Attention, str]:
+                        streams: list[torch.Tensor], activations: list[str], overrides: dict[str, object]
+                        ) -> tuple[Attention, str]:
     """The attention conventions (and activation, if probing left two) under which our block, run on the
     foreign first block's input, gives the foreign block's output. Bases come from buffers, the config and
-    common values; if none fits, the base of the closest candidate is fitted by a search over log(theta)."""
+    common values; if none fits, the base of the closest candidate is fitted by a search over log(theta). The
+    user's `--set num_attention_heads / rope_theta / rotary_pct / hidden_act` replace the search for that fact."""
     width = fields["hidden_size"]
-    configured = config_value(model.config, HEAD_KEYS)
+    configured = overrides.get("num_attention_heads", config_value(model.config, HEAD_KEYS))
     heads_options = list(dict.fromkeys([*([int(configured)] if isinstance(configured, int) else []),
                                         *(h for h in range(1, width + 1) if width % h == 0 and width // h % 2 == 0)]))
+    if "num_attention_heads" in overrides:
+        heads_options = heads_options[:1]
+    if "hidden_act" in overrides:
+        activations = [overrides["hidden_act"]]
     x, target = streams[0], streams[1]
     positions = torch.arange(x.shape[1]).unsqueeze(0)
     mask = causal_mask(x.shape[1], 0, None, x.device)
@@ -104,6 +110,10 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
     for heads in heads_options:  # the configured count first: usually it is the only one tried
         best_here: tuple[float, Attention | None, str] = (math.inf, None, "")
         dims, thetas = rotary_candidates(model, width // heads)
+        if "rotary_pct" in overrides:
+            dims = [int(width // heads * float(overrides["rotary_pct"]))]
+        if "rope_theta" in overrides:
+            thetas = [float(overrides["rope_theta"])]
         for act, order, rotary, dim in itertools.product(activations, ("qkv", "per_head") if len(layout.qkv) == 1
                                                          else (None,), ("rotate_half", "interleaved"), dims):
             layer = loaded_layer(Attention(heads, order, rotary, dim, 0.0), act)
@@ -114,15 +124,19 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
                 if error <= FP32_MODULE_MATCH:
                     return best_here[1], act
         conv, act = best_here[1], best_here[2]
+        if "rope_theta" in overrides:  # the user's base is the only one tried
+            best = min(best, best_here, key=lambda candidate: candidate[0])
+            continue
         layer = loaded_layer(conv, act)
         theta = fit_theta(lambda t, layer=layer, conv=conv: block_error(layer, conv.heads, conv.rotary_dim, t))
         if block_error(layer, conv.heads, conv.rotary_dim, theta) <= FP32_MODULE_MATCH:
             return Attention(conv.heads, conv.fused_order, conv.rotary, conv.rotary_dim, theta), act
         best = min(best, best_here, key=lambda candidate: candidate[0])
-    raise ImportRefused(f"the first block matches no supported convention (pre-norm attention with rotary "
-                        f"positions, then a GELU MLP); closest: {best[1]} with {best[2]}, relative error "
-                        f"{best[0]:.1e}. Learned absolute positions, parallel residuals or other attention "
-                        "scalings are not of this family")
+    raise ImportRefused(f"the first block matches no supported convention (pre-norm rotary attention and a GELU "
+                        f"MLP, {fields['block_style']}); closest: {best[1]} with {best[2]}, relative error "
+                        f"{best[0]:.1e}. Learned absolute positions or other attention scalings are not of this "
+                        "family; if you know the head count, rotary base or rotated fraction, pass --set "
+                        "num_attention_heads=H, --set rope_theta=T or --set rotary_pct=P")
 
 
 def fit_theta(error: Callable[[float], float]) -> float:

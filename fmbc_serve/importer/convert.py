@@ -39,9 +39,10 @@ def convert_block(block: nn.Module, layout: BlockLayout, conv: Attention, width:
     """One foreign block's tensors under our canonical names (`prefix` = "model.layers.{i}")."""
     get = block.get_submodule
     out: dict[str, torch.Tensor] = {}
-    for ours, theirs in (("input_layernorm", layout.attn_norm), ("post_attention_layernorm", layout.mlp_norm)):
-        scale, shift = norm_tensors(get(theirs))
-        out[f"{prefix}.{ours}.weight"] = scale.detach()
+    norms = [("input_layernorm", layout.attn_norm)] + (
+        [("post_attention_layernorm", layout.mlp_norm)] if layout.mlp_norm else [])  # GPT-J's one norm: no second
+    for ours, theirs in norms:
+        out[f"{prefix}.{ours}.weight"] = norm_tensors(get(theirs))[0].detach()
         out[f"{prefix}.{ours}.bias"] = norm_shift(get(theirs)).detach()
     qkv = [get(n) for n in layout.qkv]
     names = ("q_proj", "k_proj", "v_proj")

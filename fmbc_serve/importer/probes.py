@@ -40,7 +40,8 @@ def probe_norm(module: nn.Module, width: int) -> tuple[str, float]:
     error, kind, eps = min(results)
     if error > FP32_MODULE_MATCH:
         raise ImportRefused(f"norm {type(module).__name__} is neither LayerNorm nor RMSNorm (closest: {kind}, "
-                            f"relative error {error:.1e})")
+                            f"relative error {error:.1e}); if you know it is one, pass --set norm_type=layernorm|"
+                            "rmsnorm and --set norm_eps=E")
     if kind == "rmsnorm" and bool(shift.any()):
         raise ImportRefused("an RMSNorm with a non-zero bias has no FMBC form")
     return kind, eps
@@ -76,5 +77,6 @@ def probe_activation(mlp: nn.Module, up: nn.Module, down: nn.Module, width: int)
     magnitude = max(1.0, float(got.abs().max()))
     found = sorted((act for act, error in errors.items() if error <= FP32_MODULE_MATCH * magnitude), key=errors.get)
     if not found:
-        raise ImportRefused(f"the MLP ({type(mlp).__name__}) is not up -> GELU (exact or tanh) -> down")
+        raise ImportRefused(f"the MLP ({type(mlp).__name__}) is not up -> GELU (exact or tanh) -> down; if you know "
+                            "which GELU it is, pass --set hidden_act=gelu|gelu_tanh")
     return found

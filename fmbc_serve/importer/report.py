@@ -20,6 +20,7 @@ class Recognised:
     norm: dict
     activation: str
     names: dict[str, str]
+    facts: dict[str, str] = field(default_factory=dict)  # config field -> where it came from, where not plain
     proof: dict = field(default_factory=dict)
 
 
@@ -40,6 +41,29 @@ def format_report(recognised: Recognised) -> str:
             ("norm / activation", f"{recognised.norm['type']} eps={recognised.norm['eps']:g} / "
                                   f"{recognised.activation}"),
             ("biases", f"attention={c['attention_bias']} mlp={c['mlp_bias']}")]
+    rows += [(f"{fact} from", source) for fact, source in recognised.facts.items()]
     rows += [(f"name {theirs}", ours) for theirs, ours in recognised.names.items()]
     rows += [(f"proof {k}", str(v)) for k, v in recognised.proof.items()]
     return "\n".join(f"{k:<44} {v}" for k, v in rows)
+
+
+def provenance(recognised: Recognised) -> str:
+    """The README.md of an imported folder: where it came from, what it is, and what the proof showed."""
+    import datetime
+
+    c, proof = recognised.config, recognised.proof
+    return (f"# Imported by fmbc-serve\n\n"
+            f"Converted from `{recognised.source}` by `fmbc import` on "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, and proven to compute the same "
+            f"model (float32):\n\n"
+            f"- input: {recognised.code}; {proof['input_code']} on all {proof['input_ids_checked']:,} ids\n"
+            f"- every block within {proof['max_block_error']:.1e} of the source's (relative to what the block "
+            f"adds; tolerance {proof['tolerances']['block']:g}) on sequences of {proof['sequence_lengths']} "
+            f"tokens\n"
+            f"- logits: max |Δ| {proof['max_abs_delta_logit']:.1e} (tolerance {proof['tolerances']['logit']:g})\n"
+            f"- greedy continuations: {proof['greedy_continuations']}\n\n"
+            f"Shape: V = {c['vocab_size']:,}, d = {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+            f"{recognised.attention['heads']} heads, {c['block_style']} blocks, context "
+            f"{c['max_position_embeddings']}; weights in {proof['written_dtype']}. Everything recognised, and "
+            f"the source's module names: `import_report.json`. Serve it with `fmbc serve DIR` or any engine "
+            f"command of fmbc-serve's README.\n")

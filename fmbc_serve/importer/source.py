@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..configuration_fmbc import FMBCConfig
@@ -19,7 +20,9 @@ from .errors import ImportRefused
 
 
 def load_foreign(src: str, trust_remote_code: bool) -> tuple[nn.Module, object]:
-    """The foreign model (fp32, eval) and tokenizer, as `AutoModelForCausalLM` / `AutoTokenizer` load them."""
+    """The foreign model (upcast to fp32, eval) and tokenizer, as `AutoModelForCausalLM` / `AutoTokenizer` load
+    them: safetensors, single or sharded with an index, or a `pytorch_model.bin`, which is unpickled with
+    `weights_only=True` (tensors only: a pickle from a hub runs no code here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_path = Path(src) / "config.json"
@@ -36,12 +39,37 @@ def load_foreign(src: str, trust_remote_code: bool) -> tuple[nn.Module, object]:
                 "input code its first block receives and to prove the conversion against it. Read that code, "
                 "then pass --trust-remote-code to allow it")
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                                     weights_only=True)
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 (foreign code can raise anything; the user needs its message)
         raise ImportRefused(f"{src} does not load with transformers (trust_remote_code={trust_remote_code}): "
                             f"{type(err).__name__}: {err}") from err
     return model.float().eval(), tokenizer
+
+
+def stored_dtype(src: str, model: nn.Module) -> torch.dtype:
+    """The floating-point dtype the source stores its weights in (the most common among its tensors), read from
+    the safetensors headers or the memory-mapped pickles of a folder, else from the config."""
+    from ..weights import SAFETENSORS_DTYPES
+
+    counts: dict[torch.dtype, int] = {}
+    folder = Path(src)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                dtype = SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+                counts[dtype] = counts.get(dtype, 0) + 1
+    for path in sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() and not counts else []:
+        for tensor in torch.load(path, mmap=True, weights_only=True, map_location="cpu").values():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+    floats = {dtype: n for dtype, n in counts.items() if dtype.is_floating_point}
+    if floats:
+        return max(floats, key=floats.get)
+    configured = getattr(model.config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    return configured if isinstance(configured, torch.dtype) else torch.float32
 
 
 def auto_map_refs(auto_map: dict) -> Iterator[str]:
@@ -66,6 +94,12 @@ def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor
                    stop_after_first: bool = False) -> list[torch.Tensor]:
     """The tensor entering each of `modules` (the residual stream, for blocks and the final norm) when the
     model runs on `ids` [B, T], in float32. `stop_after_first` aborts the forward once the first is seen."""
+    return streams_and_logits(model, modules, ids, stop_after_first)[0]
+
+
+def streams_and_logits(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor, stop_after_first: bool = False
+                       ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """`observe_stream`'s streams and the logits of the same forward pass (None when it was stopped)."""
     streams: list[torch.Tensor] = []
 
     def grab(module, args, kwargs):
@@ -75,15 +109,16 @@ def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor
             raise _Stop
 
     handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in modules]
+    logits = None
     try:
         with torch.no_grad():
-            logits_of(model, ids)
+            logits = logits_of(model, ids).float()
     except _Stop:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return streams
+    return streams, logits
 
 
 def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, progress: bool = False,

@@ -76,23 +76,35 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 @dataclass
 class BlockLayout:
-    """Where one block keeps each part, as module names relative to the block."""
+    """Where one block keeps each part, as module names relative to the block, and how it combines them."""
 
     attn_norm: str
-    mlp_norm: str
+    mlp_norm: str | None  # None: the MLP reads the attention's norm (GPT-J)
     qkv: tuple[str, ...]  # one fused projection, or q, k, v
+    out: str
+    up: str
+    down: str
+    block_style: str  # FMBCConfig.block_style
+
+
+@dataclass
+class BlockParts:
+    """A block's width-sized norms and its projections by role, found from shapes alone."""
+
+    norms: list[str]
+    qkv: tuple[str, ...]
     out: str
     up: str
     down: str
 
 
-def block_layout(block: nn.Module, width: int) -> BlockLayout:
+def block_parts(block: nn.Module, width: int) -> BlockParts:
     """Find a block's norms and projections from shapes; names only order separate q/k/v/o."""
     norms = [n for n, m in block.named_modules() if n and is_norm(m, width)]
     projections = {n: tuple(matrix(m).shape) for n, m in block.named_modules() if n and is_projection(m)}
-    if len(norms) != 2:
-        raise ImportRefused(f"a block has {len(norms)} width-sized norms ({norms}); an FMBC block has two "
-                            "(before attention, before the MLP)")
+    if len(norms) not in (1, 2):
+        raise ImportRefused(f"a block has {len(norms)} width-sized norms ({norms}); an FMBC block has one before "
+                            "attention and one before the MLP, or one that both read (GPT-J)")
     downs = [n for n, (rows, cols) in projections.items() if rows == width and cols != width]
     if len(downs) != 1:
         raise ImportRefused(f"cannot find the MLP down projection ([{width}, inner]) among {projections}")
@@ -107,9 +119,60 @@ def block_layout(block: nn.Module, width: int) -> BlockLayout:
     if fused:
         if len(squares) != 1:
             raise ImportRefused(f"expected one output projection beside the fused {fused[0]}, found {squares}")
-        return BlockLayout(norms[0], norms[1], (fused[0],), squares[0], ups[0], downs[0])
+        return BlockParts(norms, (fused[0],), squares[0], ups[0], downs[0])
     roles = assign_roles(squares)
-    return BlockLayout(norms[0], norms[1], (roles["q"], roles["k"], roles["v"]), roles["o"], ups[0], downs[0])
+    return BlockParts(norms, (roles["q"], roles["k"], roles["v"]), roles["o"], ups[0], downs[0])
+
+
+def block_layout(model: nn.Module, block: nn.Module, width: int, vocab: int) -> BlockLayout:
+    """The block's parts, with which norm feeds attention and which the MLP, and the block style, read from what
+    flows where in one forward pass: the norm whose output enters q/k/v is the attention's, the one whose output
+    enters the MLP's up projection is the MLP's (the same one: GPT-J's shared norm); an MLP norm that reads the
+    block's own input makes a parallel residual (GPT-NeoX), one that reads the stream after attention a
+    sequential block. The attention test (`recognise_attention`) then runs our block of that style against it."""
+    parts = block_parts(block, width)
+    flows: dict[str, torch.Tensor] = {}
+
+    def tap(key: str, output: bool = False):
+        def hook(module, args, kwargs, *result):
+            tensor = result[0] if output else (args[0] if args else next(
+                v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+            flows.setdefault(key, tensor)  # the object itself: the same tensor passed on is the surest sign
+        return hook
+
+    get = block.get_submodule
+    handles = [block.register_forward_pre_hook(tap("block"), with_kwargs=True),
+               get(parts.qkv[0]).register_forward_pre_hook(tap("qkv"), with_kwargs=True),
+               get(parts.up).register_forward_pre_hook(tap("up"), with_kwargs=True)]
+    for name in parts.norms:
+        handles += [get(name).register_forward_pre_hook(tap(f"{name}:in"), with_kwargs=True),
+                    get(name).register_forward_hook(tap(f"{name}:out", output=True), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            logits_of(model, torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(4)))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def feeding(target: str) -> str:
+        found = ([n for n in parts.norms if flows.get(f"{n}:out") is flows.get(target)] or
+                 [n for n in parts.norms if same(flows.get(f"{n}:out"), flows.get(target))])
+        if not found:
+            raise ImportRefused(f"no norm's output enters {'attention' if target == 'qkv' else 'the MLP'} "
+                                f"({parts.qkv[0] if target == 'qkv' else parts.up}): an FMBC block normalises "
+                                "before attention and before the MLP (pre-norm)")
+        return found[0]
+
+    attn_norm, mlp_norm = feeding("qkv"), feeding("up")
+    if attn_norm == mlp_norm:
+        return BlockLayout(attn_norm, None, parts.qkv, parts.out, parts.up, parts.down, "parallel_shared_norm")
+    style = "parallel" if same(flows.get(f"{mlp_norm}:in"), flows["block"]) else "sequential"
+    return BlockLayout(attn_norm, mlp_norm, parts.qkv, parts.out, parts.up, parts.down, style)
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two recorded tensors are the same value passed on (the same object, or equal data: a copy)."""
+    return a is not None and b is not None and (a is b or (a.shape == b.shape and torch.equal(a, b)))
 
 
 def assign_roles(names: list[str]) -> dict[str, str]:
@@ -128,7 +191,8 @@ def assign_roles(names: list[str]) -> dict[str, str]:
 
 def top_level_parts(model: nn.Module, stack_name: str, width: int, vocab: int) -> tuple[str, str]:
     """(final norm, head) module names outside the stack: the width-sized norm that runs last, and the output
-    projection (`get_output_embeddings()`, else the [V, d] projection; a tied input table as the last resort)."""
+    projection (`get_output_embeddings()`, else the [V, d] projection; a tied input table as the last resort), with
+    or without a bias."""
     outside = {n: m for n, m in model.named_modules() if n and n != stack_name and not n.startswith(stack_name + ".")}
     final = runs_last(model, {n: m for n, m in outside.items() if is_norm(m, width)})
     if final is None:
@@ -139,8 +203,6 @@ def top_level_parts(model: nn.Module, stack_name: str, width: int, vocab: int) -
              [n for n in shaped if not isinstance(outside[n], nn.Embedding)] or shaped)
     if len(heads) != 1:
         raise ImportRefused(f"cannot find the output projection [{vocab}, {width}] (found {heads})")
-    if getattr(outside[heads[0]], "bias", None) is not None:
-        raise ImportRefused(f"the output projection {heads[0]} has a bias; FMBC heads have none")
     return final, heads[0]
 
 
@@ -187,6 +249,6 @@ def discover(model: nn.Module) -> Structure:
     """The foreign model's structure, from its modules, shapes and one forward pass."""
     stack_name, blocks = find_blocks(model)
     width, vocab = width_and_vocab(model, blocks[0])
-    layout = block_layout(blocks[0], width)
+    layout = block_layout(model, blocks[0], width, vocab)
     final_norm_name, head_name = top_level_parts(model, stack_name, width, vocab)
     return Structure(stack_name, blocks, layout, final_norm_name, head_name, width, vocab)

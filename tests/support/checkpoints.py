@@ -33,3 +33,29 @@ def make_lora_adapter(checkpoint: str, out_dir: str | Path, seed: int, targets: 
                         init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+# The GPT-NeoX / Pythia and GPT-J house styles as FMBC checkpoints: name -> config fields over the `tiny` preset.
+HOUSE_STYLES = {
+    "parallel": {"block_style": "parallel", "attention_bias": True, "mlp_bias": True, "rotary_pct": 0.5},
+    "parallel_shared_norm": {"block_style": "parallel_shared_norm", "mlp_bias": True, "lm_head_bias": True,
+                             "rotary_pct": 0.25, "hidden_act": "gelu_tanh"},
+}
+
+
+def write_house_style(out: Path, style: str, seed: int = 0) -> str:
+    """A tiny checkpoint of a house style whose norms and biases are far from their initial 1 and 0 (so that a
+    bias or norm an engine dropped shows in its logits)."""
+    from fmbc_serve.checkpoint import make_config, save_checkpoint
+    from fmbc_serve.modeling_fmbc import FMBCForCausalLM
+    from fmbc_serve.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(seed)
+    config = make_config("tiny", **HOUSE_STYLES[style])
+    model = FMBCForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_checkpoint(model, build_char_tokenizer(config.vocab_size), out)
+    return str(out)

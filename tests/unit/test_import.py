@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from support.foreign import write_foreign
 
 from fmbc_serve.cli import main
-from fmbc_serve.importer import REPORT_FILE
+from fmbc_serve.importer import REPORT_FILE, ImportRefused
 from fmbc_serve.importer.source import logits_of
+from fmbc_serve.tolerances import FP32_MODULE_MATCH, FP32_PARITY
 
 TEXTS = ["Question: What is FMBC?\nAnswer:", "In the beginning", "x = [1, 2, 3]"]
 
@@ -48,8 +49,41 @@ def stock_neox(out: Path, vocab: int = 512, width: int = 72, dtype: torch.dtype 
     return str(out)
 
 
+def stock_gptj(out: Path, vocab: int = 512, width: int = 64) -> str:
+    """A stock transformers GPT-J (attention and MLP side by side on one norm, interleaved rotary on 6 of 16 dims,
+    a head with a bias) whose input table is a frozen binary code."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from fmbc_serve.binary_code import BinaryCode
+    from fmbc_serve.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=vocab, n_embd=width, n_layer=2, n_head=4, rotary_dim=6,
+                                       n_positions=64, tie_word_embeddings=False))
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(BinaryCode(vocab, width, layout="repeat").embed(torch.arange(vocab)))
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # non-trivial norms and biases
+                param.normal_(1.0 if "ln" in name and "weight" in name else 0.0, 0.1)
+    model.save_pretrained(out)
+    build_char_tokenizer(vocab).save_pretrained(out)
+    return str(out)
+
+
 # style -> (writer, needs --trust-remote-code, what the report must say)
 CASES = {
+    # Pythia's parallel residual, its context under a key of its own, a {0,1} code repeated bit by bit, weights
+    # as a bfloat16 pytorch_model.bin
+    "pythia": (lambda out: write_foreign("pythia", out, weights="bin", dtype=torch.bfloat16), True,
+               {"block_style": "parallel", "max_position_embeddings": 96, "input_mode": "binary",
+                "code_layout": "interleave", "code_values": "zero_one", "attention_bias": True, "mlp_bias": True},
+               {"rotary": "rotate_half", "rotary_dim": 4, "fused_order": "per_head"}),
+    # GPT-J: one shared norm, a head with a bias, interleaved rotary on half of each head, float16 weights sharded
+    "gptj": (lambda out: write_foreign("gptj", out, weights="sharded", dtype=torch.float16), True,
+             {"block_style": "parallel_shared_norm", "lm_head_bias": True, "attention_bias": False,
+              "mlp_bias": True, "hidden_act": "gelu_tanh", "code_values": "sign", "code_bit_order": "msb",
+              "vocab_size": 300},
+             {"rotary": "interleaved", "rotary_dim": 8, "fused_order": None}),
     "nanogpt": (lambda out: write_foreign("nanogpt", out), True,
                 {"input_mode": "binary", "code_bit_order": "msb", "code_values": "sign", "code_scale": 0.5,
                  "code_layout": "repeat", "norm_type": "layernorm", "hidden_act": "gelu", "rope_theta": 20000.0},
@@ -66,6 +100,13 @@ CASES = {
                     "code_layout": "interleave"},
                    {"rotary": "rotate_half", "fused_order": "per_head"}),
     # V not a power of two (K = 9), bf16 weights, a head tied to the code table, every dim rotated, tanh GELU
+    "stock-neox-parallel": (lambda out: stock_neox(out, use_parallel_residual=True), False,
+                            {"block_style": "parallel", "attention_bias": True, "mlp_bias": True},
+                            {"rotary": "rotate_half", "fused_order": "per_head"}),
+    "stock-gptj": (lambda out: stock_gptj(out), False,
+                   {"block_style": "parallel_shared_norm", "lm_head_bias": True, "attention_bias": False,
+                    "mlp_bias": True, "hidden_act": "gelu_tanh", "input_mode": "binary"},
+                   {"rotary": "interleaved", "rotary_dim": 6, "fused_order": None}),
     "stock-neox-tied": (lambda out: stock_neox(out, vocab=300, width=64, dtype=torch.bfloat16,
                                                code={"values": "zero_one", "bit_order": "lsb", "layout": "repeat"},
                                                tie_word_embeddings=True, hidden_act="gelu_new",
@@ -82,8 +123,8 @@ def fingerprint(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def run_import(capsys, src: str, out: Path, trust: bool) -> tuple[int, str]:
-    argv = ["import", src, "--out", str(out)] + (["--trust-remote-code"] if trust else [])
+def run_import(capsys, src: str, out: Path, trust: bool, extra: list[str] | None = None) -> tuple[int, str]:
+    argv = ["import", src, "--out", str(out)] + (["--trust-remote-code"] if trust else []) + (extra or [])
     try:
         status = main(argv)
     except SystemExit as exit_:
@@ -115,9 +156,48 @@ def test_import_recognises_the_style(imported, style: str) -> None:
     assert {k: report["attention"][k] for k in attention} == attention
     proof = report["proof"]
     print(f"\n{style}: {report['config']['input_mode']}, {report['attention']}, proof {proof}")
-    assert proof["max_abs_delta_logit"] <= 1e-4 and proof["greedy_next_token_disagreements"] == 0
-    assert proof["single_token_ids"] == report["config"]["vocab_size"]
+    assert proof["max_abs_delta_logit"] <= FP32_PARITY and proof["max_block_error"] <= FP32_MODULE_MATCH
+    assert proof["input_ids_checked"] == report["config"]["vocab_size"] and proof["input_code"] == "bitwise equal"
     assert proof["greedy_continuations"].startswith("3/3")
+
+
+def test_weights_are_written_in_the_source_dtype_unless_told(imported, tmp_path: Path, capsys) -> None:
+    """A bfloat16 .bin and float16 shards are proven in float32 and written as they were stored; --dtype says
+    otherwise; the folder's README says where it came from."""
+    from fmbc_serve.checkpoint import read_tensor_shapes
+
+    for style, stored in (("pythia", torch.bfloat16), ("gptj", torch.float16), ("nanogpt", torch.float32)):
+        _, out = imported[style]
+        assert set(read_tensor_shapes(out)[1].values()) == {stored}
+        assert "Converted from" in (Path(out) / "README.md").read_text()
+    src, _ = imported["pythia"]
+    status, output = run_import(capsys, src, tmp_path / "fp32", trust=True, extra=["--dtype", "float32"])
+    assert status == 0, output
+    assert set(read_tensor_shapes(tmp_path / "fp32")[1].values()) == {torch.float32}
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path: Path, capsys) -> None:
+    """A pytorch_model.bin is unpickled with weights_only=True: a pickle that would run code is refused, and the
+    code does not run."""
+    src = Path(write_foreign("pythia", tmp_path / "src", weights="bin"))
+    marker = tmp_path / "ran"
+    weights = torch.load(src / "pytorch_model.bin", weights_only=True)
+    weights["__evil__"] = RunsCode(str(marker))
+    torch.save(weights, src / "pytorch_model.bin")
+    status, output = run_import(capsys, str(src), tmp_path / "out", trust=True)
+    assert status == 2 and "does not load with transformers" in output and "weights_only" in output.replace(
+        "Weights only", "weights_only")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class RunsCode:
+    """Unpickling this creates a file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 @pytest.mark.parametrize("style", CASES)
@@ -133,7 +213,7 @@ def test_imported_checkpoint_computes_the_foreign_model(imported, style: str) ->
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (2, ours.config.max_position_embeddings), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        assert (logits_of(foreign, ids) - ours(ids).logits).abs().max() <= 1e-4
+        assert (logits_of(foreign, ids) - ours(ids).logits).abs().max() <= FP32_PARITY
     src_tok, out_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert out_tok(text).input_ids == src_tok(text).input_ids
@@ -192,13 +272,6 @@ def gpt2(out: Path) -> None:
                                initializer_range=0.2)).save_pretrained(out)
 
 
-def gptj(out: Path) -> None:
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    GPTJForCausalLM(GPTJConfig(vocab_size=512, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                               n_positions=64)).save_pretrained(out)
-
-
 def gated_llama(out: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -209,9 +282,6 @@ def gated_llama(out: Path) -> None:
 # stock architecture -> what the refusal says about it
 NOT_OF_THIS_FAMILY = {
     "gpt2": (gpt2, "matches no supported convention"),  # learned absolute positions
-    "neox-parallel-residual": (lambda out: stock_neox(out, use_parallel_residual=True),
-                               "matches no supported convention"),
-    "gptj": (gptj, "a block has 1 width-sized norms"),  # attention and MLP side by side on one norm
     "gated-llama": (gated_llama, "a gated MLP is not of this family"),
 }
 
@@ -271,3 +341,88 @@ def test_a_rotary_base_named_nowhere_is_found_by_search(tmp_path: Path, monkeypa
     src = write_foreign("nanogpt", tmp_path / "src")
     recognised = import_checkpoint(src, tmp_path / "out", trust_remote_code=True, progress=False)
     assert recognised.attention["theta"] == 20000.0 and recognised.attention["rotary"] == "interleaved"
+
+
+def test_the_users_facts_have_the_last_word(tmp_path: Path, capsys) -> None:
+    """--set replaces what would be inferred (the report says so) and is still proven: a true fact imports, a
+    wrong one is refused; an unknown field is a clear error."""
+    src = write_foreign("pythia", tmp_path / "src")
+    status, output = run_import(capsys, src, tmp_path / "out", trust=True,
+                                extra=["--set", "max_position_embeddings=64", "--set", "rope_theta=10000"])
+    assert status == 0, output
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert report["config"]["max_position_embeddings"] == 64
+    assert report["facts"] == {"max_position_embeddings": "--set", "rope_theta": "--set"}
+    status, output = run_import(capsys, src, tmp_path / "wrong", trust=True, extra=["--set", "rope_theta=12345"])
+    assert status == 2 and "matches no supported convention" in output and "--set rope_theta=T" in output
+    status, output = run_import(capsys, src, tmp_path / "typo", trust=True, extra=["--set", "context=64"])
+    assert status == 2 and "--set context=64: expected FIELD=VALUE" in output
+
+
+def test_a_context_length_nothing_settles_is_refused_naming_the_flag(tmp_path: Path, capsys) -> None:
+    """The Pythia fixture with a second length key that disagrees and no length check in its code: nothing
+    settles it, so the refusal names the candidates and the flag; with the flag it imports."""
+    src = Path(write_foreign("pythia", tmp_path / "src", ctx_len=128))
+    modeling, configuration = src / "modeling_pythia.py", src / "configuration_pythia.py"
+    modeling.write_text(modeling.read_text().replace("if input_ids.shape[1] > self.config.max_sequence_window:",
+                                                     "if False:"))
+    # transformers caches remote code by a hash of the config's source: a new hash, so the edit is not shadowed
+    configuration.write_text(configuration.read_text() + "# without its length check\n")
+    status, output = run_import(capsys, str(src), tmp_path / "out", trust=True)
+    assert status == 2 and "pass --set max_position_embeddings=N" in output
+    assert "96 (config key max_sequence_window); 128 (config key ctx_len)" in output
+    status, output = run_import(capsys, str(src), tmp_path / "out", trust=True,
+                                extra=["--set", "max_position_embeddings=96"])
+    assert status == 0, output
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A 32-layer Pythia-style model, recognised, and our model built from the conversion."""
+    from fmbc_serve.importer import recognise
+    from fmbc_serve.importer.source import load_foreign
+    from fmbc_serve.modeling_fmbc import FMBCForCausalLM
+
+    src = write_foreign("pythia", tmp_path_factory.mktemp("deep") / "src", num_hidden_layers=32)
+    foreign, tokenizer = load_foreign(src, trust_remote_code=True)
+    conversion = recognise(foreign, tokenizer, src)
+    ours = FMBCForCausalLM(conversion.config).eval()
+    ours.load_state_dict({name: t.clone() for name, t in conversion.tensors.items()})
+    return foreign, conversion, ours
+
+
+def heads_swapped(ours, layer: int) -> None:
+    """Swap the query rows of heads 0 and 1 in one layer."""
+    head_dim, q_proj = ours.config.head_dim, ours.model.layers[layer].self_attn.q_proj
+    with torch.no_grad():
+        for tensor in (q_proj.weight, q_proj.bias):
+            first = tensor[:head_dim].clone()
+            tensor[:head_dim] = tensor[head_dim:2 * head_dim]
+            tensor[head_dim:2 * head_dim] = first
+
+
+def base_off_by_one_percent(ours, layer: int) -> None:
+    from fmbc_serve.modeling_fmbc import rotary_inv_freq
+
+    ours.config.rope_theta *= 1.01
+    ours.model.rotary_emb.inv_freq.copy_(rotary_inv_freq(ours.config))
+
+
+def eps_ten_times(ours, layer: int) -> None:
+    ours.model.layers[layer].post_attention_layernorm.eps *= 10
+
+
+@pytest.mark.parametrize(("corrupt", "layer"), [(heads_swapped, 17), (base_off_by_one_percent, 0),
+                                                (eps_ten_times, 23)],
+                         ids=["one-permuted-head", "rotary-base-off-1pct", "norm-eps-10x-in-one-layer"])
+def test_the_proof_refuses_a_subtly_wrong_conversion_of_a_deep_model(deep, corrupt, layer: int) -> None:
+    import copy
+
+    from fmbc_serve.importer.proof import prove
+
+    foreign, conversion, ours = deep
+    assert prove(foreign, conversion.structure, ours, conversion.input_table)["max_block_error"] <= FP32_MODULE_MATCH
+    wrong = copy.deepcopy(ours)
+    corrupt(wrong, layer)
+    with pytest.raises(ImportRefused, match=f"layer {layer}'s .*differs"):
+        prove(foreign, conversion.structure, wrong, conversion.input_table)

@@ -19,9 +19,10 @@ from fmbc_serve.importer.attention import Attention, config_value, fit_theta, ro
 from fmbc_serve.importer.code import solve_code
 from fmbc_serve.importer.convert import complete, split_qkv
 from fmbc_serve.importer.errors import ImportRefused
+from fmbc_serve.importer.facts import context_length, parse_overrides
 from fmbc_serve.importer.probes import probe_activation, probe_norm, snap_eps
 from fmbc_serve.importer.report import Recognised, format_report
-from fmbc_serve.importer.structure import assign_roles, block_layout, find_blocks, matrix, norm_tensors
+from fmbc_serve.importer.structure import assign_roles, block_layout, block_parts, find_blocks, matrix, norm_tensors
 from fmbc_serve.modeling_fmbc import apply_rotary, rotary_cos_sin
 
 VOCAB, WIDTH = 300, 50
@@ -197,12 +198,52 @@ class Block(nn.Module):
             self.mlp["gate"] = nn.Linear(width, 4 * width)
 
 
-def test_block_layout_from_shapes() -> None:
-    layout = block_layout(Block(), 16)
-    assert (layout.attn_norm, layout.mlp_norm, layout.qkv, layout.out, layout.up, layout.down) == (
-        "ln1", "ln2", ("attn.wq", "attn.wk", "attn.wv"), "attn.wo", "mlp.fc1", "mlp.fc2")
+def test_block_parts_from_shapes() -> None:
+    parts = block_parts(Block(), 16)
+    assert (parts.norms, parts.qkv, parts.out, parts.up, parts.down) == (
+        ["ln1", "ln2"], ("attn.wq", "attn.wk", "attn.wv"), "attn.wo", "mlp.fc1", "mlp.fc2")
     with pytest.raises(ImportRefused, match="a gated MLP is not of this family"):
-        block_layout(Block(gated=True), 16)
+        block_parts(Block(gated=True), 16)
+
+
+class StyledBlock(Block):
+    """A block that combines attention and MLP in `style`, its norms declared in `order`."""
+
+    def __init__(self, style: str, order: tuple[str, str]) -> None:
+        super().__init__()
+        self.style = style
+        if style == "parallel_shared_norm":
+            del self.ln2
+        elif order != ("ln1", "ln2"):  # declare ln2 first: data flow, not order, says which is which
+            self._modules = {name: self._modules[name] for name in ("ln2", "ln1", "attn", "mlp")}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        attn = self.attn["wo"](self.attn["wq"](h) + self.attn["wk"](h) + self.attn["wv"](h))
+        if self.style == "sequential":
+            x = x + attn
+            return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.ln2(x))))
+        second = self.ln1 if self.style == "parallel_shared_norm" else self.ln2
+        return x + attn + self.mlp["fc2"](F.gelu(self.mlp["fc1"](second(x))))
+
+
+class Styled(nn.Module):
+    def __init__(self, style: str, order: tuple[str, str] = ("ln1", "ln2")) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([StyledBlock(style, order)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](F.one_hot(ids % 16, 16).float())
+
+
+@pytest.mark.parametrize(("style", "order"), [("sequential", ("ln1", "ln2")), ("sequential", ("ln2", "ln1")),
+                                              ("parallel", ("ln1", "ln2")), ("parallel", ("ln2", "ln1")),
+                                              ("parallel_shared_norm", ("ln1", "ln2"))])
+def test_block_layout_reads_the_norms_and_the_style_from_the_data_flow(style: str, order: tuple[str, str]) -> None:
+    model = Styled(style, order)
+    layout = block_layout(model, model.blocks[0], 16, 16)
+    assert layout.block_style == style and layout.attn_norm == "ln1"
+    assert layout.mlp_norm == (None if style == "parallel_shared_norm" else "ln2")
 
 
 def test_find_blocks_takes_the_biggest_stack_of_identical_blocks() -> None:
@@ -246,3 +287,62 @@ def test_the_report_names_a_fused_order_only_for_a_fused_qkv(fused_order: str | 
     table = format_report(recognised)
     assert ("fused qkv order per_head" in table) == (fused_order is not None)
     assert "name h.{i}.ln_1" in table
+
+
+class Foreign(nn.Module):
+    """A stand-in foreign model for the context-length search: its config, buffers, and an optional length
+    check in forward (before its one block)."""
+
+    def __init__(self, config: dict, limit: int | None = None, buffers: dict | None = None) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(**config, to_dict=lambda: dict(config))
+        self.block, self.limit = nn.Linear(4, 4), limit
+        for name, tensor in (buffers or {}).items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None and ids.shape[1] > self.limit:
+            raise ValueError("too long")
+        return self.block(torch.zeros(*ids.shape, 4))
+
+
+TOKENIZER = SimpleNamespace(model_max_length=int(1e30))
+
+
+@pytest.mark.parametrize(("model", "tokenizer", "expected"), [
+    (Foreign({"n_positions": 128}), TOKENIZER, (128, "config key n_positions")),
+    (Foreign({"max_sequence_window": 96}), TOKENIZER, (96, "config key max_sequence_window")),
+    (Foreign({"rope_scaling": {"original_max_position_embeddings": 4096}}), TOKENIZER,
+     (4096, "config key rope_scaling.original_max_position_embeddings")),
+    (Foreign({"train_seq_len": 128, "ctx_window": 96}, limit=96), TOKENIZER,
+     (96, "config key ctx_window and the model's own length check")),
+    (Foreign({}, limit=300), TOKENIZER, (300, "the model's own length check")),
+    (Foreign({}, buffers={"causal_mask": torch.ones(1, 1, 64, 64, dtype=torch.bool)}), TOKENIZER,
+     (64, "buffer causal_mask [1, 1, 64, 64]")),
+    (Foreign({}), SimpleNamespace(model_max_length=2048), (2048, "the tokenizer's model_max_length")),
+    (Foreign({"max_length": 20, "n_positions": 64}), TOKENIZER, (64, "config key n_positions")),
+], ids=["known-key", "unknown-key", "nested-key", "keys-disagree-code-decides", "code-alone", "mask-buffer",
+        "tokenizer-alone", "generation-max-length-is-not-the-context"])
+def test_context_length_from_whatever_the_checkpoint_has(model, tokenizer, expected) -> None:
+    assert context_length(model, model.block, tokenizer, {}) == expected
+
+
+@pytest.mark.parametrize(("model", "tokenizer", "words"), [
+    (Foreign({}), TOKENIZER, "nothing in the checkpoint gives one"),
+    (Foreign({"train_seq_len": 128, "ctx_window": 96}), SimpleNamespace(model_max_length=2048),
+     "does not settle it: 96 (config key ctx_window); 128 (config key train_seq_len); 2048"),
+], ids=["nothing", "disagreement"])
+def test_an_unknown_context_length_is_refused_naming_the_flag(model, tokenizer, words: str) -> None:
+    with pytest.raises(ImportRefused, match="pass --set max_position_embeddings=N") as err:
+        context_length(model, model.block, tokenizer, {})
+    assert words in str(err.value)
+    assert context_length(model, model.block, tokenizer, {"max_position_embeddings": 77}) == (
+        77, "--set")
+
+
+def test_overrides_are_config_fields_read_as_json() -> None:
+    assert parse_overrides(["max_position_embeddings=2048", "norm_eps=1e-6", "hidden_act=gelu_tanh",
+                            "lm_head_bias=true"]) == {"max_position_embeddings": 2048, "norm_eps": 1e-6,
+                                                      "hidden_act": "gelu_tanh", "lm_head_bias": True}
+    with pytest.raises(ImportRefused, match="--set context=2048: expected FIELD=VALUE with FIELD one of"):
+        parse_overrides(["context=2048"])

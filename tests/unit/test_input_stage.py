@@ -73,6 +73,8 @@ def test_learned_table_never_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -
     {"preset": "tiny"},
     {"preset": "tiny-learned", "norm_type": "rmsnorm"},
     {"preset": "tiny-affine", "attention_bias": True, "mlp_bias": True, "intermediate_size": 200},
+    {"preset": "tiny", "block_style": "parallel"},
+    {"preset": "tiny-learned", "block_style": "parallel_shared_norm", "lm_head_bias": True},
 ])
 def test_weight_schema_is_the_reference_state_dict(overrides: dict) -> None:
     """The engines' schema (computed from the config alone) names exactly the reference's tensors."""

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from fmbc_serve import FMBCForCausalLM
 from fmbc_serve.checkpoint import make_config
-from fmbc_serve.modeling_fmbc import embed_input
+from fmbc_serve.modeling_fmbc import causal_mask, embed_input
 from fmbc_serve.serve import DEFAULT_MODEL
 
 PROMPTS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116], [7]]
@@ -140,3 +140,41 @@ def test_parity_reference_keeps_prompt_tokens_equal_to_the_pad_id(tiny_checkpoin
     (result,) = reference_greedy(tiny_checkpoints["learned"], [prompt], 6)
     assert result.tokens == greedy_without_cache(load(tiny_checkpoints["learned"]), prompt, 6)
     assert len(result.prompt_logprobs) == len(prompt) - 1 and len(result.token_logprobs) == 6
+
+
+@pytest.mark.parametrize("style", ["sequential", "parallel", "parallel_shared_norm"])
+def test_each_block_style_computes_its_formula(house_style_checkpoints: dict[str, str], style: str) -> None:
+    """The reference's blocks, written out: x + attn(ln1(x)) then + mlp(ln2(.)) (sequential), x + attn(ln1(x)) +
+    mlp(ln2(x)) (GPT-NeoX's parallel residual), x + attn(ln(x)) + mlp(ln(x)) (GPT-J's one shared norm); then the
+    final norm and the head with its bias."""
+    if style == "sequential":
+        model = FMBCForCausalLM(make_config("tiny", lm_head_bias=True)).eval()
+    else:
+        model = load(house_style_checkpoints[style])
+    ids = torch.tensor([[5, 300, 7, 7, 511, 2]])
+    rotary = model.model.rotary_emb(torch.arange(ids.shape[1]).unsqueeze(0))
+    mask = causal_mask(ids.shape[1], 0, None, ids.device)
+    with torch.no_grad():
+        x = model.config.binary_code().embed(ids)
+        for layer in model.model.layers:
+            attn = layer.self_attn(layer.input_layernorm(x), rotary, mask, None)
+            if style == "sequential":
+                x = x + attn
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            else:
+                second = layer.input_layernorm if style == "parallel_shared_norm" else layer.post_attention_layernorm
+                x = x + attn + layer.mlp(second(x))
+        expected = model.lm_head(model.model.norm(x))
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (model.lm_head.bias is not None) == (style != "parallel")
+    assert all(hasattr(layer, "post_attention_layernorm") == (style != "parallel_shared_norm")
+               for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("style", ["parallel", "parallel_shared_norm"])
+def test_parallel_blocks_generate_with_the_kv_cache(house_style_checkpoints: dict[str, str], style: str) -> None:
+    model = load(house_style_checkpoints[style])
+    for ids in PROMPTS:
+        with torch.no_grad():
+            cached = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        assert cached[0, len(ids):].tolist() == greedy_without_cache(model, ids, 12)

@@ -105,9 +105,11 @@ class FMBCDecoderLayer(nn.Module):
                  prefix: str) -> None:
         super().__init__()
         self.layer_idx = extract_layer_index(prefix)
+        self.block_style = config.block_style
         self.input_layernorm = make_norm(config, LayerNorm, RMSNorm)
         self.self_attn = FMBCAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = make_norm(config, LayerNorm, RMSNorm)
+        if config.block_style != "parallel_shared_norm":
+            self.post_attention_layernorm = make_norm(config, LayerNorm, RMSNorm)
         self.mlp = FMBCMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
@@ -173,8 +175,8 @@ class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
         self.config = config
         self.model = FMBCModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                          prefix=maybe_prefix(prefix, "lm_head"))
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=config.lm_head_bias,
+                                          quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head"))
             self.logits_processor = LogitsProcessor(config.vocab_size)
         else:
             self.lm_head = PPMissingLayer()
@@ -189,7 +191,7 @@ class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         pp = get_pp_group()

@@ -82,6 +82,15 @@ def make_rotary(config: FMBCConfig) -> nn.Module:
         return NeoxRotaryFallback(config)
 
 
+class LogitsProcessorWithBias(LogitsProcessor):
+    """SGLang's LogitsProcessor never adds `lm_head.bias` (its callers pass no embedding bias, so its own gpt_j.py
+    drops GPT-J's head bias): this one adds each rank's share of the bias to that rank's share of the logits."""
+
+    def _compute_lm_head(self, hidden_states: torch.Tensor, lm_head: nn.Module, *args, **kwargs) -> torch.Tensor:
+        logits = super()._compute_lm_head(hidden_states, lm_head, *args, **kwargs)
+        return logits + lm_head.bias.to(logits.dtype)
+
+
 class FMBCAttention(nn.Module):
     def __init__(
         self, config: FMBCConfig, layer_id: int, quant_config: QuantizationConfig | None = None, prefix: str = ""
@@ -145,9 +154,11 @@ class FMBCDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_idx = layer_id
+        self.block_style = config.block_style
         self.input_layernorm = make_norm(config)
         self.self_attn = FMBCAttention(config, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
-        self.post_attention_layernorm = make_norm(config)
+        if config.block_style != "parallel_shared_norm":
+            self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config, quant_config, prefix=add_prefix("mlp", prefix))
 
     def forward(
@@ -204,9 +215,9 @@ class FMBCForCausalLM(nn.Module):
         self.pp_group = get_parallel().pp_group
         self.model = FMBCModel(config, quant_config, prefix=add_prefix("model", prefix))
         if self.pp_group.is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
-                                          prefix=add_prefix("lm_head", prefix))
-            self.logits_processor = LogitsProcessor(config)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=config.lm_head_bias,
+                                          quant_config=quant_config, prefix=add_prefix("lm_head", prefix))
+            self.logits_processor = (LogitsProcessorWithBias if config.lm_head_bias else LogitsProcessor)(config)
             # `--is-embedding`: the final norm's last-token state, L2-normalised, as llama.py pools.
             self.pooler = Pooler(pooling_type=PoolingType.LAST, normalize=True)
         else:
