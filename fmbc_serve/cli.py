@@ -6,7 +6,8 @@
     fmbc parity DIR --engine vllm|sglang [--max-new-tokens N] [--tolerance T] [--prompt TEXT ...]
     fmbc train --data FILE --out DIR [--input-mode binary|affine|learned] [--steps N] [--resume] ...
     fmbc import SRC --out DIR [--trust-remote-code] [--set FIELD=VALUE ...] [--dtype auto|float32|bfloat16|float16]
-    fmbc serve [DIR] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY] [ENGINE FLAGS...]
+    fmbc serve [DIR|SRC] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY]
+               [--trust-remote-code] [ENGINE FLAGS...]
     fmbc quantize DIR --out DIR [--scheme W8A8|W4A16]
 """
 

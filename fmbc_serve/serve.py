@@ -6,6 +6,10 @@ without CUDA), serves the embedded default model unless given a folder, passes e
 itself through to the engine unchanged, and once `/health` answers prints the URL and a ready-to-paste curl.
 It exits with the engine.
 
+Given a checkpoint of the FMBC family that is not in our format (a published folder or hub id, with its own
+code), it imports it first (`fmbc import`, with its proof) into a cache keyed by the source's content, and
+serves the import; the next start with the same source reuses it without importing or proving again.
+
 Safe defaults for a server anyone on the network could reach: it listens on 127.0.0.1 unless `--host` says
 otherwise (the Docker images pass 0.0.0.0), `--api-key` (default: the FMBC_API_KEY environment variable) turns
 on the engine's own API-key check, and Prometheus `/metrics` is on for both engines (SGLang needs
@@ -15,6 +19,7 @@ on the engine's own API-key check, and Prometheus `/metrics` is on for both engi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,17 +36,22 @@ from .engines import ENGINES, runner
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 SERVED_NAME = "fmbc"
 API_KEY_ENV = "FMBC_API_KEY"
+IMPORT_CACHE_ENV = "FMBC_IMPORT_CACHE"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
-                   help="checkpoint folder (default: the embedded default model)")
+                   help="checkpoint folder (default: the embedded default model); a foreign FMBC-family folder or hub "
+                        "id is imported first, once")
     p.add_argument("--engine", choices=["auto", *ENGINES], default="auto")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--served-model-name", default=SERVED_NAME, help="the `model` name clients send")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                    help=f"clients must send `Authorization: Bearer KEY` (default: ${API_KEY_ENV}; unset: no check)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running the checkpoint's own code: to import a foreign checkpoint, and in the engine "
+                        "(a tokenizer with code of its own)")
 
 
 def pick_engine(choice: str) -> str:
@@ -69,15 +79,61 @@ def split_engine_args(args: argparse.Namespace, unknown: list[str], argv: list[s
     return engine_args
 
 
+def import_cache() -> Path:
+    """Where imports of foreign checkpoints are kept: $FMBC_IMPORT_CACHE, else ~/.cache/fmbc-serve/imported."""
+    return Path(os.environ.get(IMPORT_CACHE_ENV) or Path.home() / ".cache" / "fmbc-serve" / "imported")
+
+
+def content_key(folder: Path) -> str:
+    """A digest of every file of a checkpoint folder, names and bytes: a changed file, a new one or a removed one
+    gives another key."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(folder).parts)):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def fmbc_checkpoint(src: str, trust_remote_code: bool) -> Path:
+    """The folder to serve for SRC: SRC itself if it is an fmbc-serve checkpoint, else its import, made once into
+    the cache (keyed by SRC's content; a hub id is first fetched to the Hugging Face cache, which keeps its
+    revision) and reused while SRC is unchanged."""
+    from .importer import REPORT_FILE, format_report, import_checkpoint
+
+    folder = Path(src)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(src))
+        except Exception as err:  # noqa: BLE001 (any hub or network failure: the user needs its message)
+            raise FileNotFoundError(f"{src} is neither a checkpoint folder nor a model on a reachable hub "
+                                    f"({type(err).__name__}: {err})") from err
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a checkpoint folder (no config.json)")
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "fmbc":
+        return folder
+    imported = import_cache() / f"{folder.resolve().name}-{content_key(folder)}"
+    if (imported / REPORT_FILE).is_file():
+        print(f"fmbc serve: {src} was imported before, unchanged since: reusing {imported}", flush=True)
+        return imported
+    print(f"fmbc serve: {src} is not in fmbc-serve's format: importing it into {imported} (once)", flush=True)
+    print(format_report(import_checkpoint(str(folder), imported, trust_remote_code=trust_remote_code)), flush=True)
+    return imported
+
+
 def engine_command(args: argparse.Namespace, cuda: bool) -> tuple[str, list[str], dict[str, str]]:
     """(engine, the engine server's command, its extra environment) for parsed `fmbc serve` arguments."""
-    model = Path(args.model)
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"{model} is not a checkpoint folder (no config.json)")
     engine = pick_engine(args.engine)
+    model = fmbc_checkpoint(args.model, args.trust_remote_code)
     command, env = runner(engine).server_command(str(model), args.host, args.port, args.served_model_name, cuda)
     if args.api_key:
         command += ["--api-key", args.api_key]
+    if args.trust_remote_code:
+        command.append("--trust-remote-code")
     return engine, command + args.engine_args, env
 
 

@@ -20,7 +20,7 @@ before the engine serves, with the same words in both engines.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,27 +39,23 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config: the message names every offending tensor."""
 
 
-class PipelineStage(NamedTuple):
-    """The part of the model one pipeline stage holds: its layers, and whether it has the input and the head."""
+@dataclass(frozen=True)
+class PipelineStage:
+    """What one engine rank holds: every module except those its engine replaced by a placeholder because another
+    pipeline stage holds them (or, in vLLM's pooling runner, because no head is needed). Tensors of the others
+    are checked, not loaded."""
 
-    start_layer: int
-    end_layer: int
-    first: bool
-    last: bool
+    elsewhere: frozenset[str] = frozenset()  # module names, e.g. {"model.layers.1", "model.norm", "lm_head"}
 
     @classmethod
-    def whole(cls, config: FMBCConfig) -> PipelineStage:
-        """The stage of a model that is not pipelined: everything."""
-        return cls(0, config.num_hidden_layers, True, True)
+    def of(cls, model: nn.Module, placeholders: tuple[type, ...]) -> PipelineStage:
+        """The stage of an engine model whose missing modules are instances of `placeholders` (the engine's
+        PPMissingLayer, ...)."""
+        return cls(frozenset(name for name, module in model.named_modules() if isinstance(module, placeholders)))
 
     def holds(self, name: str) -> bool:
         """Whether this stage holds the canonical (or quantization) tensor `name`."""
-        parts = name.split(".")
-        if name.startswith("model.layers.") and parts[2].isdigit():
-            return self.start_layer <= int(parts[2]) < self.end_layer
-        if name.startswith("model.embed_tokens."):
-            return self.first
-        return self.last  # model.norm, lm_head
+        return not any(name.startswith(module + ".") for module in self.elsewhere)
 
 
 def canonical_tensors(config: FMBCConfig) -> dict[str, tuple[int, ...]]:

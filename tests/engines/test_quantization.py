@@ -125,8 +125,8 @@ def test_inspect_reads_a_quantized_checkpoint(checkpoints, tmp_path: Path, capsy
     del weights["model.layers.1.self_attn.k_proj.weight_scale"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     assert main(["inspect", str(broken)]) == 1
-    assert ("error: tensor model.layers.1.self_attn.k_proj.weight is I8 but its layer has no quantization tensors"
-            in capsys.readouterr().err)
+    assert ("error: tensor model.layers.1.self_attn.k_proj.weight is int8, not a floating-point weight: a quantized "
+            "weight needs its layer's scales" in capsys.readouterr().err)
 
 
 # SGLang 0.5.23 takes compressed-tensors in float16/bfloat16 only, and its scheme check then asks CUDA for the

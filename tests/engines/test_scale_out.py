@@ -56,12 +56,14 @@ def parallel_parity(checkpoints: list[str], engine_args: dict, tmp_path: Path) -
     return rows
 
 
-def test_tensor_parallel_2_parity(tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
-    """TP = 2: the fixed code is computed on every rank; the learned table is vocab-sharded."""
+def test_tensor_parallel_2_parity(tiny_checkpoints: dict[str, str], house_style_checkpoints: dict[str, str],
+                                  tmp_path: Path) -> None:
+    """TP = 2: the fixed code is computed on every rank; the learned table is vocab-sharded; a GPT-J-style block
+    (shared norm, head bias: each rank holds its share of the head and its bias) too."""
     require("vllm")
-    rows = parallel_parity([tiny_checkpoints["binary"], tiny_checkpoints["learned"]],
-                           {"tensor_parallel_size": 2}, tmp_path)
-    print(f"\nvLLM TP=2 parity (binary, learned): {rows}")
+    rows = parallel_parity([tiny_checkpoints["binary"], tiny_checkpoints["learned"],
+                            house_style_checkpoints["parallel_shared_norm"]], {"tensor_parallel_size": 2}, tmp_path)
+    print(f"\nvLLM TP=2 parity (binary, learned, parallel_shared_norm): {rows}")
     assert all(agree and delta <= FP32_PARITY for per_prompt in rows for agree, delta in per_prompt)
 
 

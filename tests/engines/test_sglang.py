@@ -62,9 +62,9 @@ def test_registry_scan_strict(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "['FMBCForCausalLM'] True"
 
 
-def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
-    """Affine and learned checkpoints through the runner's greedy (the offline Engine), registered only by
-    SGLANG_EXTERNAL_MODEL_PACKAGE."""
+def test_parity_env_var_registration(tiny_checkpoints, house_style_checkpoints, tmp_path):
+    """Affine and learned checkpoints, and the GPT-NeoX and GPT-J block styles (biases, a head bias), through the
+    runner's greedy (the offline Engine), registered only by SGLANG_EXTERNAL_MODEL_PACKAGE."""
     require("sglang")
     script = ("import dataclasses, json, sys\n"
               "from fmbc_serve.engines.sglang.runner import greedy\n"
@@ -73,14 +73,15 @@ def test_parity_env_var_registration(tiny_checkpoints, tmp_path):
               "    results = [[dataclasses.astuple(c) for c in greedy(d, prompts, n)] for d in dirs]\n"
               "    print('RESULT', json.dumps(results))\n")
     (tmp_path / "run.py").write_text(script)
-    modes = ["affine", "learned"]
-    arg = json.dumps([[tiny_checkpoints[m] for m in modes], PROMPTS, MAX_NEW_TOKENS])
+    checkpoints = {**tiny_checkpoints, **house_style_checkpoints}
+    modes = ["affine", "learned", "parallel", "parallel_shared_norm"]
+    arg = json.dumps([[checkpoints[m] for m in modes], PROMPTS, MAX_NEW_TOKENS])
     result = subprocess.run([sys.executable, "run.py", arg], capture_output=True, text=True, timeout=400,
                             env={**os.environ, **ENV_VAR_REGISTRATION}, cwd=tmp_path)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-5000:]
     for mode, results in zip(modes, json.loads(lines[-1][len("RESULT "):]), strict=True):
-        assert_parity(mode, tiny_checkpoints[mode], [Completion(*r) for r in results])
+        assert_parity(mode, checkpoints[mode], [Completion(*r) for r in results])
 
 
 def test_fmbc_parity_command(tiny_checkpoints):

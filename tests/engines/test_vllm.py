@@ -43,12 +43,14 @@ def test_entry_point_registers_idempotently(vllm) -> None:
     assert AutoConfig.for_model("fmbc").__class__ is FMBCConfig
 
 
-@pytest.mark.parametrize("mode", ["binary", "affine", "learned"])
-def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str], mode: str) -> None:
+@pytest.mark.parametrize("mode", ["binary", "affine", "learned", "parallel", "parallel_shared_norm"])
+def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str], house_style_checkpoints: dict[str, str],
+                                      mode: str) -> None:
+    """Every input mode, and the GPT-NeoX and GPT-J block styles (with biases and a head bias)."""
     from fmbc_serve.parity import run_parity
 
     prompts = [[72, 101, 108, 108, 111], list(range(1, 120)), [7], [300, 301, 302, 5, 5, 5, 9, 100]]
-    rows = run_parity(tiny_checkpoints[mode], "vllm", prompts, max_new_tokens=24)
+    rows = run_parity({**tiny_checkpoints, **house_style_checkpoints}[mode], "vllm", prompts, max_new_tokens=24)
     worst = max(row.max_delta for row in rows)
     print(f"\nvLLM parity {mode}: greedy equal {[row.agree for row in rows]}, max |Δlogprob| {worst:.3e}")
     assert all(row.agree for row in rows)

@@ -23,7 +23,9 @@ from fmbc_serve.weights import (
 )
 
 CONFIG = make_config("tiny")
-WHOLE = PipelineStage.whole(CONFIG)
+WHOLE = PipelineStage()
+# Stage 0 of 2: the input and layer 0 (layer 1, the final norm and the head are another stage's).
+FIRST_OF_TWO = PipelineStage(frozenset({"model.layers.1", "model.norm", "lm_head"}))
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
                "mlp.down_proj")
 
@@ -80,7 +82,7 @@ def test_accepted_departures_load(case: str, tiny_checkpoints, tmp_path: Path) -
 def test_a_pipeline_stage_loads_its_own_layers_and_checks_the_others() -> None:
     """Stage 0 of 2 holds the input and layer 0; layer 1, the norm and the head are checked, not loaded, and a bad
     tensor of theirs is refused all the same."""
-    stage = PipelineStage(0, 1, first=True, last=False)
+    stage = FIRST_OF_TWO
     model, params, calls = engine_model(good_tensors(), stage)
     assert load_canonical_weights(model, good_tensors().items(), CONFIG, lambda p, w: None, stage) == set(params)
     assert not any(".layers.1." in target or target.startswith("lm_head") for target, _ in calls)
@@ -130,7 +132,7 @@ def test_missing_and_misshaped_quantized_tensors_are_named() -> None:
 
 
 def test_other_stages_quantized_tensors_are_not_errors_but_strangers_are() -> None:
-    stage = PipelineStage(0, 1, first=True, last=False)  # this stage holds layer 0
+    stage = FIRST_OF_TWO
     model, params, _ = engine_model(quantized_checkpoint(), stage)
     tensors = quantized_checkpoint()
     assert load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, stage) == set(params)
@@ -148,3 +150,20 @@ def test_a_weight_scale_on_a_layer_the_method_leaves_unquantized_is_refused() ->
     with pytest.raises(CheckpointError, match=r"unexpected tensor lm_head\.weight_scale \(shape \[512, 1\]\): the "
                                               r"quantization method leaves lm_head unquantized"):
         load_canonical_weights(model, tensors.items(), QUANTIZED, lambda p, w: None, WHOLE)
+
+
+def test_a_stage_is_what_the_engine_did_not_replace_by_a_placeholder() -> None:
+    """Placeholders (an engine's PPMissingLayer, vLLM's pooling runner's head) mark what another stage holds;
+    nothing else does: a tensor the engine simply lacks is unexpected, not someone else's."""
+
+    class Placeholder(nn.Module):
+        pass
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Linear(2, 2), Placeholder()])
+    model.lm_head = Placeholder()
+    stage = PipelineStage.of(model, (Placeholder,))
+    assert stage.holds("model.layers.0.mlp.up_proj.weight") and stage.holds("model.norm.weight")
+    assert not stage.holds("model.layers.1.mlp.up_proj.weight_scale") and not stage.holds("lm_head.weight")
+    assert stage.holds("model.layers.10.mlp.up_proj.weight")  # layer 10 is not layer 1

@@ -33,6 +33,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    StageMissingLayer,
     extract_layer_index,
     make_empty_intermediate_tensors_factory,
     make_layers,
@@ -194,6 +195,6 @@ class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
         return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        pp = get_pp_group()
-        stage = PipelineStage(self.model.start_layer, self.model.end_layer, pp.is_first_rank, pp.is_last_rank)
+        # Another stage's layers (and the pooling runner's dropped head) are vLLM's placeholder modules.
+        stage = PipelineStage.of(self, (PPMissingLayer, StageMissingLayer))
         return load_canonical_weights(self, weights, self.config, default_weight_loader, stage)

@@ -269,9 +269,8 @@ class FMBCForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The shared policy; tensors of other pipeline stages are checked, not loaded."""
-        stage = PipelineStage(self.start_layer, self.end_layer, self.pp_group.is_first_rank,
-                              self.pp_group.is_last_rank)
-        return load_canonical_weights(self, weights, self.config, default_weight_loader, stage)
+        return load_canonical_weights(self, weights, self.config, default_weight_loader,
+                                      PipelineStage.of(self, (PPMissingLayer,)))
 
 
 EntryClass = FMBCForCausalLM

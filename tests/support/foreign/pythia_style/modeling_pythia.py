@@ -66,7 +66,7 @@ class PythiaFMBCForCausalLM(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.1)
+            nn.init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.1))
             if module.bias is not None:
                 nn.init.normal_(module.bias, std=0.05)
         elif isinstance(module, nn.LayerNorm):
