@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -59,6 +60,7 @@ class Recipe:
     process: subprocess.Popen
     url: str
     replicas: list[str]
+    metrics: str
     log_dir: Path
     output: Path
 
@@ -71,13 +73,14 @@ class Recipe:
 
 
 def start_recipe(checkpoint: str, tmp_dir: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    port, replica_ports = free_port(), [free_port(), free_port()]
+    port, metrics_port, replica_ports = free_port(), free_port(), [free_port(), free_port()]
     env = {**os.environ, "PYTHON": sys.executable, "REPLICA_PORTS": " ".join(map(str, replica_ports)),
-           "METRICS_PORT": str(free_port()), "LOG_DIR": str(tmp_dir / "logs")}
+           "METRICS_PORT": str(metrics_port), "LOG_DIR": str(tmp_dir / "logs")}
     with open(tmp_dir / "router.sh.log", "w") as out:
         process = subprocess.Popen(["bash", str(RECIPE), checkpoint, str(port)], stdout=out, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
-    return process, {"url": f"http://127.0.0.1:{port}", "replicas": [f"http://127.0.0.1:{p}" for p in replica_ports]}
+    return process, {"url": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                     "replicas": [f"http://127.0.0.1:{p}" for p in replica_ports]}
 
 
 def gone(group: int) -> bool:
@@ -94,7 +97,8 @@ def recipe(tiny_checkpoints: dict[str, str], tmp_path_factory) -> Recipe:
     require("vllm_router")
     tmp_dir = tmp_path_factory.mktemp("router")
     process, where = start_recipe(tiny_checkpoints["binary"], tmp_dir)
-    recipe = Recipe(process, where["url"], where["replicas"], tmp_dir / "logs", tmp_dir / "router.sh.log")
+    recipe = Recipe(process, where["url"], where["replicas"], where["metrics"], tmp_dir / "logs",
+                    tmp_dir / "router.sh.log")
     deadline = time.monotonic() + 600
     while "router.sh: ready at" not in recipe.output.read_text():
         assert process.poll() is None and time.monotonic() < deadline, recipe.output.read_text()[-5000:]
@@ -117,24 +121,34 @@ def post(url: str, path: str, body: dict | bytes, **kwargs) -> requests.Response
     return requests.post(url + path, json=body, timeout=120, **kwargs)
 
 
+def router_counter(recipe: Recipe, name: str, **labels: str) -> float:
+    """The router's Prometheus counter `name`, summed over the series whose labels include `labels`."""
+    total = 0.0
+    for line in requests.get(recipe.metrics, timeout=10).text.splitlines():
+        match = re.match(rf"{name}{{(.*)}} (\S+)$", line)
+        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
 def healthy_workers(router_url: str) -> list[str]:
     return sorted(w["url"] for w in requests.get(router_url + "/workers", timeout=10).json()["workers"]
                   if w["is_healthy"])
 
 
 def test_a_replica_that_cannot_start_fails_the_recipe(tiny_checkpoints: dict[str, str], tmp_path: Path) -> None:
-    """A checkpoint without weights: the script names the replica, quotes its log, stops the other one, exits 1."""
+    """A checkpoint whose config.json the model class refuses: the script names the replica, quotes its log (with
+    the reason), stops the other replica and exits 1."""
     require("vllm")
-    broken = tmp_path / "no-weights"
-    broken.mkdir()
-    for file in Path(tiny_checkpoints["binary"]).iterdir():
-        if file.suffix != ".safetensors":
-            (broken / file.name).write_bytes(file.read_bytes())
+    broken = tmp_path / "bad-config"
+    shutil.copytree(tiny_checkpoints["binary"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "input_mode": "nonsense"}))
     process, _ = start_recipe(str(broken), tmp_path)
     assert process.wait(timeout=600) == 1
     output = (tmp_path / "router.sh.log").read_text()
     assert re.search(r"router.sh: replica \d \(port \d+, core \d\) failed to start: exited with status [1-9]", output)
-    assert "Last lines of" in output
+    assert "Last lines of" in output and "input_mode: must be one of" in output, output[-3000:]
     pids = [int(p.read_text()) for p in (tmp_path / "logs").glob("replica-*.pid")]
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
 
@@ -186,16 +200,21 @@ def test_lm_eval_with_token_id_requests_through_the_router(recipe: Recipe, tiny_
                          ids=[re.sub(r"\W+", "-", b[0]).strip("-") for b in BAD_REQUESTS])
 def test_a_burst_of_client_errors_leaves_every_replica_serving(recipe: Recipe, kind: str, path: str,
                                                               body: dict | bytes, status: int) -> None:
-    """Twenty of one bad request at once (two for each replica's circuit breaker threshold of ten), then sixteen
-    good ones at once: every bad one gets its 4xx, every good one 200, both replicas stay in."""
+    """Twenty of one bad request at once (ten for each replica: its circuit breaker's threshold), then sixteen
+    good ones at once: every bad one gets its 4xx, no answer counts as a replica failure in the router's
+    circuit breakers, every good one gets 200, both replicas stay in."""
+    outcomes = {o: router_counter(recipe, "vllm_router_cb_outcomes_total", outcome=o) for o in ("success", "failure")}
     with ThreadPoolExecutor(20) as pool:
         bad = list(pool.map(lambda _: post(recipe.url, path, body), range(20)))
     assert {r.status_code for r in bad} == {status}, bad[0].text
     if status == 404:
         assert "The model `no-such-model` does not exist" in bad[0].json()["error"]["message"]
+    assert router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="failure") == outcomes["failure"]
+    assert router_counter(recipe, "vllm_router_cb_state_transitions_total", to="open") == 0
     with ThreadPoolExecutor(16) as pool:
         good = list(pool.map(lambda _: post(recipe.url, "/v1/completions", GOOD), range(16)))
     assert [r.status_code for r in good] == [200] * 16, {r.status_code: r.text[:200] for r in good}
+    assert router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="success") >= outcomes["success"] + 16
     assert healthy_workers(recipe.url) == sorted(recipe.replicas)
 
 
@@ -301,12 +320,15 @@ def drive_load(base_url: str, seconds: float, during=None) -> LoadResult:
 
 
 def test_load_with_bad_requests_of_every_kind(recipe: Recipe) -> None:
-    """Good and bad clients together: no good request fails, every bad one gets its 4xx."""
+    """Good and bad clients together: no good request fails, every bad one gets its 4xx, and none counts as a
+    replica failure."""
+    failures = router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="failure")
     load = drive_load(recipe.url, LOAD_SECONDS / 2)
     good, bad = load.summary(), load.summary(bad=True)
     print("\nload with bad requests: " + json.dumps({"good": good, "bad": bad}, indent=1))
     assert good["failed"] == 0 and good["ok"] > 0
     assert bad["otherwise"] == 0 and bad["sent"] >= len(BAD_REQUESTS)
+    assert router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="failure") == failures
     assert healthy_workers(recipe.url) == sorted(recipe.replicas)
 
 
@@ -316,6 +338,7 @@ def test_replica_kill_under_load_with_a_misnamed_client(recipe: Recipe) -> None:
     the replica again, and the router takes it back."""
     urls = recipe.replicas
     before = settled_successes(urls[0])
+    cb_failures = router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="failure")
     kill = {}
 
     def kill_second_replica(result: LoadResult) -> None:
@@ -348,7 +371,10 @@ def test_replica_kill_under_load_with_a_misnamed_client(recipe: Recipe) -> None:
               "failed while the replica went down": len(failures),
               "errors": sorted({r["error"].split(":")[0] for r in failures}),
               "seconds to leave the router": round(kill["out_at"] - kill["at"], 2),
-              "seconds until back in the router": round(rejoined - kill["at"], 1)}
+              "seconds until back in the router": round(rejoined - kill["at"], 1),
+              "replica failures the circuit breakers counted": router_counter(
+                  recipe, "vllm_router_cb_outcomes_total", outcome="failure") - cb_failures,
+              "circuits opened": router_counter(recipe, "vllm_router_cb_state_transitions_total", to="open")}
     print("\nreplica kill with a misnamed client: " + json.dumps(report, indent=1))
     assert kill["taken_out"], "the router still lists the killed replica as healthy"
     # only requests in flight around the kill may fail, each with an error, never more than the clients
