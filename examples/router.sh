@@ -29,7 +29,8 @@ shift 2
 [[ $port =~ ^[0-9]+$ ]] || usage
 [ -f "$model/config.json" ] || { echo "router.sh: $model is not a checkpoint folder (no config.json)" >&2; exit 2; }
 python=${PYTHON:-python3}
-"$python" -c "import vllm_router, vllm" 2>/dev/null || {
+"$python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('vllm') and u.find_spec('vllm_router')))" \
+  2>/dev/null || {
   echo "router.sh: $python cannot import vllm and vllm_router: set PYTHON to vLLM's environment with" \
        "fmbc-serve[router] installed (bash scripts/venv.sh vllm)" >&2; exit 2; }
 command -v curl >/dev/null || { echo "router.sh: curl is needed for the health checks" >&2; exit 2; }
@@ -38,7 +39,8 @@ read -r -a cores <<<"${REPLICA_CORES:-0 1}"
 default_ports=()
 for i in "${!cores[@]}"; do default_ports+=("$((port + i + 1))"); done
 read -r -a ports <<<"${REPLICA_PORTS:-${default_ports[*]}}"
-[ "${#ports[@]}" = "${#cores[@]}" ] || { echo "router.sh: REPLICA_PORTS needs one port per core in REPLICA_CORES" >&2; exit 2; }
+[ "${#ports[@]}" = "${#cores[@]}" ] || {
+  echo "router.sh: REPLICA_PORTS needs one port per entry of REPLICA_CORES" >&2; exit 2; }
 host=${HOST:-127.0.0.1}
 log_dir=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/fmbc-router.XXXXXX")}
 mkdir -p "$log_dir"
@@ -82,7 +84,10 @@ echo "router.sh: starting ${#cores[@]} replicas of $model (logs in $log_dir)" >&
 deadline=$((SECONDS + ${START_TIMEOUT:-600}))
 for i in "${!cores[@]}"; do
   until healthy "http://127.0.0.1:${ports[i]}/health"; do
-    kill -0 "${pids[i]}" 2>/dev/null || { wait "${pids[i]}" && status=0 || status=$?; fail_start "$i" "exited with status $status"; }
+    if ! kill -0 "${pids[i]}" 2>/dev/null; then
+      wait "${pids[i]}" && status=0 || status=$?
+      fail_start "$i" "exited with status $status"
+    fi
     [ $SECONDS -lt $deadline ] || fail_start "$i" "no answer on /health after ${START_TIMEOUT:-600} s"
     sleep 1
   done
