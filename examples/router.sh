@@ -7,8 +7,9 @@
 # Runs in the foreground. The replicas serve DIR under the name `fmbc` on 127.0.0.1 (flags after PORT go to both,
 # after `--dtype float32`); once both answer /health the router starts on PORT and the script prints its URL.
 # A replica that exits later is started again (the router's health checks take it out and back in). SIGTERM or
-# SIGINT (Ctrl-C) stops the router and the replicas, with their engine processes, and exits 0. If a replica does
-# not start, the script stops what it started and exits 1 with the end of that replica's log.
+# SIGINT (Ctrl-C) stops the router and the replicas, with their engine processes, and exits 0 (started with `&`
+# from another script, bash ignores SIGINT: send SIGTERM). If a replica does not start, the script stops what it
+# started and exits 1 with the end of that replica's log.
 #
 # Environment:
 #   PYTHON          the Python of vLLM's environment, with fmbc-serve and its `router` extra (vllm-router)
