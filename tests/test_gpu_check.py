@@ -1,5 +1,5 @@
 """scripts/gpu_check.py, the one-GPU acceptance run, in its CPU dry run: everything but the CUDA parts, with the
-same JSON report. (On a GPU machine: `python scripts/gpu_check.py`, docs/kernel.md.) ~30 s on two cores."""
+same JSON report. (On a GPU machine: `python scripts/gpu_check.py`, docs/kernel.md.) ~25 s on two cores."""
 
 from __future__ import annotations
 
