@@ -2,7 +2,7 @@
 # the router of docker/kubernetes/router.yaml (docs/scale-out.md says why this router and which flags). No GPU,
 # no model, no fmbc-serve: it only forwards OpenAI requests. Build from the repository root:
 #   docker build -f docker/router.Dockerfile -t fmbc-serve-router:0.1.17 .
-# VLLM_ROUTER_VERSION defaults to the release CI tests (fmbc_serve/versions.py; tests/test_router_setup.py
+# VLLM_ROUTER_VERSION defaults to the release CI tests (fmbc_serve/versions.py; tests/deploy/test_router_setup.py
 # checks that they agree). The image runs `vllm-router`; its flags go after the image name:
 #   docker run -p 30000:30000 fmbc-serve-router:0.1.17 --host 0.0.0.0 --port 30000 \
 #     --worker-urls http://gpu-1:30000 http://gpu-2:30000 --policy round_robin --health-check-interval-secs 1

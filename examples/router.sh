@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two vLLM replicas of one checkpoint, one CPU core each, behind vLLM's router (vllm-router) on PORT: the
-# one-machine recipe of docs/scale-out.md, used by tests/test_router.py and CI.
+# one-machine recipe of docs/scale-out.md, used by tests/engines/test_router.py and CI.
 #
 #   bash examples/router.sh DIR PORT [vLLM server flags...]
 #

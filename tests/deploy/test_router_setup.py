@@ -1,5 +1,5 @@
 """The router's setup in its three places agrees, offline: the one-machine recipe (examples/router.sh, which
-tests/test_router.py runs), the router image (docker/router.Dockerfile) and the Kubernetes manifest
+tests/engines/test_router.py runs), the router image (docker/router.Dockerfile) and the Kubernetes manifest
 (docker/kubernetes/router.yaml) use the router release CI tests (fmbc_serve/versions.py) with the same routing,
 health-check and circuit-breaker flags; in the vLLM suite, the installed router accepts every flag they use."""
 

@@ -1,6 +1,6 @@
 """Beyond one process, on vLLM's CPU build: tensor, pipeline and data parallelism with parity against the
 reference, every rank pinned to its own core (VLLM_CPU_OMP_THREADS_BIND). Replicas behind a router:
-tests/test_router.py. Run with `pytest -s` to see the figures."""
+tests/engines/test_router.py. Run with `pytest -s` to see the figures."""
 
 from __future__ import annotations
 

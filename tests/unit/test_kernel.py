@@ -28,7 +28,8 @@ from fmbc_kernels import (  # noqa: E402
 )
 from support.checkpoints import scrambled_lift_map  # noqa: E402
 
-from fmbc_serve.binary_code import BinaryCode, random_affine  # noqa: E402
+from fmbc_serve.binary_code import BinaryCode, FixedCodeInput, random_affine  # noqa: E402
+from fmbc_serve.modeling_fmbc import FMBCInputStage  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,20 +79,43 @@ def assert_matches_reference(ids, code, weight, bias, dtype, closed_form: bool) 
     torch.testing.assert_close(normed, expected_normed, rtol=tolerance, atol=tolerance)
 
 
-# Every (K, d, layout) the code allows; the remaining options cycle across the cases so each value occurs.
-GRID = [(k, d, layout) for k, d, layout in itertools.product(NUM_BITS, WIDTHS, LAYOUTS)
-        if not (layout == "interleave" and interleave_truncates(k, d))]
+# Every (K, d, layout) the code allows. The other options cycle across these cases, each with its own period so
+# that every value occurs and the options vary independently of one another.
+CYCLED_OPTIONS = {
+    "affine": (False, True),
+    "bit_order": ("lsb", "lsb", "msb", "msb"),
+    "values": ("zero_one",) * 4 + ("sign",) * 4,
+    "scale": (1.0,) * 3 + (-0.37,) * 3,
+    "dtype": DTYPES,
+    "num_tokens": ((1, 1),) * 5 + ((37, 64),) * 5 + ((300, 200),) * 5,  # (for d = 64, for wider rows)
+}
 
 
-@pytest.mark.parametrize(("case", "num_bits", "width", "layout"), [(i, *combo) for i, combo in enumerate(GRID)])
-def test_kernel_matches_reference_over_code_grid(case: int, num_bits: int, width: int, layout: str) -> None:
-    code = make_code(num_bits, width, layout, affine=case % 2 == 1, bit_order=("lsb", "msb")[case // 2 % 2],
-                     values=("zero_one", "sign")[case // 4 % 2], scale=(1.0, -0.37)[case // 3 % 2])
-    dtype = DTYPES[case % 3]
-    num_tokens = (1, 37, 300)[case // 5 % 3] if width <= 64 else (1, 64, 200)[case // 5 % 3]
-    ids = boundary_ids(code, num_tokens, seed=case)
+def grid_case(index: int, num_bits: int, width: int, layout: str):
+    options = {name: values[index % len(values)] for name, values in CYCLED_OPTIONS.items()}
+    num_tokens = options["num_tokens"][0 if width <= 64 else 1]
+    dtype_name = str(options["dtype"]).removeprefix("torch.")
+    case_id = (f"K{num_bits}-d{width}-{layout}-{'affine' if options['affine'] else 'plain'}-{options['values']}-"
+               f"{options['bit_order']}-scale{options['scale']:g}-{dtype_name}-T{num_tokens}")
+    return pytest.param(num_bits, width, layout, options["affine"], options["bit_order"], options["values"],
+                        options["scale"], options["dtype"], num_tokens, id=case_id)
+
+
+GRID = [grid_case(index, *combo) for index, combo in enumerate(
+    (k, d, layout) for k, d, layout in itertools.product(NUM_BITS, WIDTHS, LAYOUTS)
+    if not (layout == "interleave" and interleave_truncates(k, d)))]
+
+
+@pytest.mark.parametrize(("num_bits", "width", "layout", "affine", "bit_order", "values", "scale", "dtype",
+                          "num_tokens"), GRID)
+def test_kernel_matches_reference_over_code_grid(num_bits: int, width: int, layout: str, affine: bool, bit_order: str,
+                                                 values: str, scale: float, dtype: torch.dtype,
+                                                 num_tokens: int) -> None:
+    code = make_code(num_bits, width, layout, affine=affine, bit_order=bit_order, values=values, scale=scale)
+    seed = num_bits * 10_000 + width
+    ids = boundary_ids(code, num_tokens, seed=seed)
     for layer_norm, closed_form in itertools.product((True, False), (True, False)):
-        weight, bias = norm_params(width, dtype, layer_norm, seed=case)
+        weight, bias = norm_params(width, dtype, layer_norm, seed=seed)
         assert_matches_reference(ids, code, weight, bias, dtype, closed_form)
 
 
@@ -103,13 +127,51 @@ def test_interleave_that_truncates_a_bit_is_rejected(num_bits: int) -> None:
                 make_code(num_bits, width, "interleave")
 
 
-@pytest.mark.parametrize(("dtype", "layer_norm", "closed_form"),
-                         list(itertools.product(DTYPES, (True, False), (True, False))))
+@pytest.mark.parametrize(("dtype", "layer_norm", "closed_form"), [
+    pytest.param(dtype, layer_norm, closed_form, id=f"{str(dtype).removeprefix('torch.')}-"
+                 f"{'layernorm' if layer_norm else 'rmsnorm'}-{'closed' if closed_form else 'reduction'}")
+    for dtype, layer_norm, closed_form in itertools.product(DTYPES, (True, False), (True, False))])
 def test_norm_dtype_and_variant_cross(dtype: torch.dtype, layer_norm: bool, closed_form: bool) -> None:
     code = make_code(16, 1000, "interleave", affine=True, values="sign", scale=0.5)
     ids = boundary_ids(code, 100, seed=1)
     weight, bias = norm_params(1000, dtype, layer_norm, seed=2)
     assert_matches_reference(ids, code, weight, bias, dtype, closed_form)
+
+
+# One bf16 ulp relative to the value (8 significant bits: neighbours differ by 2^-7 of the smaller power of two).
+BF16_ULP = 2.0**-7
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("affine", [False, True], ids=["paper-code", "affine-sign-code"])
+def test_bf16_kernel_against_the_unfused_torch_path(layer_norm: bool, affine: bool) -> None:
+    """The switch a served model makes: `FMBCInputStage` fused (this kernel, on CUDA) or unfused (the code's lift
+    in bf16, then the model's own bf16 `nn.LayerNorm`/`nn.RMSNorm`), at the paper's shape (V = 65,536, d = 1,024).
+
+    The residuals are the same bf16 values, bit for bit (both round the code's two values to bf16 first). The
+    normed outputs are each computed in fp32 from those and rounded once to bf16; the two fp32 values differ only
+    by fp32 rounding (~1e-6 relative: closed-form vs reduced statistics), so the bf16 results are equal or one
+    ulp apart (rtol 2^-7), with atol 1e-5 for outputs where the bias cancels the rest to near zero. On CUDA, where
+    Triton rounds fp32 to bf16 to nearest as torch does, at least 99% are bit-identical. The Triton interpreter
+    truncates fp32 to bf16 instead (its cast ignores the rounding mode), so on CPU about half differ by that ulp."""
+    code = make_code(16, 1024, "interleave", affine=affine, values="sign" if affine else "zero_one")
+    generator = torch.Generator().manual_seed(12)
+    norm = torch.nn.LayerNorm(1024) if layer_norm else torch.nn.RMSNorm(1024)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(1024, generator=generator))
+        if layer_norm:
+            norm.bias.copy_(0.5 * torch.randn(1024, generator=generator))
+    norm = norm.to(DEVICE, torch.bfloat16)
+    stage = FMBCInputStage(FixedCodeInput(code).to(DEVICE), norm, EPS)
+    ids = boundary_ids(code, 256, seed=12)
+    with torch.no_grad():
+        unfused_normed, unfused_residual = stage.from_embeddings(stage.embed(ids, torch.bfloat16))
+    residual, normed = fused_code_norm(ids, code, norm.weight, getattr(norm, "bias", None), EPS, torch.bfloat16)
+    assert residual.dtype == normed.dtype == unfused_normed.dtype == torch.bfloat16
+    assert torch.equal(residual, unfused_residual)
+    torch.testing.assert_close(normed, unfused_normed, rtol=BF16_ULP, atol=1e-5)
+    if DEVICE.type == "cuda":
+        assert (normed == unfused_normed).float().mean() >= 0.99
 
 
 def test_fp32_weights_with_low_precision_outputs() -> None:
