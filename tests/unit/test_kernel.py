@@ -29,7 +29,7 @@ from fmbc_kernels import (  # noqa: E402
 from support.checkpoints import scrambled_lift_map  # noqa: E402
 
 from fmbc_serve.binary_code import BinaryCode, FixedCodeInput, random_affine  # noqa: E402
-from fmbc_serve.modeling_fmbc import FMBCInputStage  # noqa: E402
+from fmbc_serve.modeling_fmbc import embed_input  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +145,7 @@ BF16_ULP = 2.0**-7
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("affine", [False, True], ids=["paper-code", "affine-sign-code"])
 def test_bf16_kernel_against_the_unfused_torch_path(layer_norm: bool, affine: bool) -> None:
-    """The switch a served model makes: `FMBCInputStage` fused (this kernel, on CUDA) or unfused (the code's lift
+    """The switch a served model makes: `input_stage` fused (this kernel, on CUDA) or unfused (the code's lift
     in bf16, then the model's own bf16 `nn.LayerNorm`/`nn.RMSNorm`), at the paper's shape (V = 65,536, d = 1,024).
 
     The residuals are the same bf16 values, bit for bit (both round the code's two values to bf16 first). The
@@ -162,10 +162,11 @@ def test_bf16_kernel_against_the_unfused_torch_path(layer_norm: bool, affine: bo
         if layer_norm:
             norm.bias.copy_(0.5 * torch.randn(1024, generator=generator))
     norm = norm.to(DEVICE, torch.bfloat16)
-    stage = FMBCInputStage(FixedCodeInput(code).to(DEVICE), norm, EPS)
+    code_input = FixedCodeInput(code).to(DEVICE)
     ids = boundary_ids(code, 256, seed=12)
     with torch.no_grad():
-        unfused_normed, unfused_residual = stage.from_embeddings(stage.embed(ids, torch.bfloat16))
+        unfused_residual = embed_input(code_input, ids, torch.bfloat16)
+        unfused_normed = norm(unfused_residual)
     residual, normed = fused_code_norm(ids, code, norm.weight, getattr(norm, "bias", None), EPS, torch.bfloat16)
     assert residual.dtype == normed.dtype == unfused_normed.dtype == torch.bfloat16
     assert torch.equal(residual, unfused_residual)
