@@ -426,3 +426,20 @@ def test_the_proof_refuses_a_subtly_wrong_conversion_of_a_deep_model(deep, corru
     corrupt(wrong, layer)
     with pytest.raises(ImportRefused, match=f"layer {layer}'s .*differs"):
         prove(foreign, conversion.structure, wrong, conversion.input_table)
+
+
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "own-code"])
+def test_the_tokenizer_comes_along_as_it_ships(tokenizer: str, tmp_path: Path, capsys) -> None:
+    """A tokenizer that ships as a sentencepiece model alone, or as code of its own: the imported folder's gives
+    the same ids for the same text (its code copied along, loaded with trust_remote_code as the source's is)."""
+    from transformers import AutoTokenizer
+
+    src = write_foreign("pythia", tmp_path / tokenizer, tokenizer=tokenizer)
+    status, output = run_import(capsys, src, tmp_path / "out", trust=True)
+    assert status == 0, output
+    theirs = AutoTokenizer.from_pretrained(src, trust_remote_code=True)
+    ours = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(ours).__name__ == type(theirs).__name__ and len(ours) == len(theirs)
+    for text in TEXTS:
+        assert ours(text).input_ids == theirs(text).input_ids
+    assert (tokenizer == "own-code") == (tmp_path / "out" / "tokenization_char.py").is_file()

@@ -26,12 +26,14 @@ STYLES = {
     "gptj": ("gptj_style", "gptj_fmbc", "configuration_gptj.GPTJFMBCConfig", "modeling_gptj.GPTJFMBCForCausalLM"),
 }
 WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
+# How the tokenizer ships: a character tokenizer.json, a sentencepiece tokenizer.model alone, or code of its own.
+TOKENIZERS = ("char", "sentencepiece", "own-code")
 
 
 def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = True, weights: str = "safetensors",
-                  dtype: torch.dtype = torch.float32, **config_fields) -> str:
+                  dtype: torch.dtype = torch.float32, tokenizer: str = "char", **config_fields) -> str:
     """A foreign checkpoint of `style` in `out` (config fields override the style's defaults), its weights in
-    `dtype` and one of WEIGHT_FORMATS."""
+    `dtype` and one of WEIGHT_FORMATS, its tokenizer one of TOKENIZERS."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fmbc_serve.tokenizer import build_char_tokenizer
@@ -51,8 +53,32 @@ def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = Tr
         for path in out.glob("model*.safetensors"):
             path.unlink()
         torch.save(model.state_dict(), out / "pytorch_model.bin")
-    tokenizer = build_char_tokenizer(config.vocab_size)
+    if tokenizer == "sentencepiece":
+        write_sentencepiece_tokenizer(out, config.vocab_size)
+        return str(out)
+    char_tokenizer = build_char_tokenizer(config.vocab_size)
     if not chat_template:
-        tokenizer.chat_template = None
-    tokenizer.save_pretrained(out)
+        char_tokenizer.chat_template = None
+    char_tokenizer.save_pretrained(out)
+    if tokenizer == "own-code":
+        shutil.copyfile(FOREIGN / "tokenizers" / "tokenization_char.py", out / "tokenization_char.py")
+        settings = json.loads((out / "tokenizer_config.json").read_text())
+        settings.update(tokenizer_class="CharTokenizer", auto_map={"AutoTokenizer": [None,
+                                                                                    "tokenization_char.CharTokenizer"]})
+        (out / "tokenizer_config.json").write_text(json.dumps(settings))
     return str(out)
+
+
+def write_sentencepiece_tokenizer(out: Path, vocab_size: int) -> None:
+    """A Llama-style tokenizer of exactly `vocab_size` pieces that ships as a sentencepiece `tokenizer.model` only
+    (no tokenizer.json), trained here on the project's own docs (BPE on one thread: deterministic)."""
+    import sentencepiece
+
+    text = "\n".join(path.read_text() for path in sorted((FOREIGN.parents[2] / "docs").glob("*.md")))
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, num_threads=1, byte_fallback=False,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                           "eos_token": "</s>", "unk_token": "<unk>"}))
