@@ -43,11 +43,13 @@ class PromptParity:
         return max(self.max_decode_delta, self.max_prefill_delta)
 
 
-def load_reference(checkpoint: str, adapter: str | None = None) -> torch.nn.Module:
-    """The transformers reference in float32, with a PEFT LoRA adapter applied (unmerged) when given."""
+def load_reference(checkpoint: str, adapter: str | None = None, dtype: torch.dtype = torch.float32
+                   ) -> torch.nn.Module:
+    """The transformers reference in `dtype` (float32 unless told), with a PEFT LoRA adapter applied (unmerged)
+    when given."""
     from .modeling_fmbc import FMBCForCausalLM
 
-    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = FMBCForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
 
@@ -96,6 +98,38 @@ def run_parity(checkpoint: str, engine: str, prompts: list[list[int]], max_new_t
     reference_results = reference_greedy(checkpoint, prompts, max_new_tokens)
     return [compare(ref, eng, len(prompt))
             for ref, eng, prompt in zip(reference_results, engine_results, prompts, strict=True)]
+
+
+@dataclass
+class CloseParity:
+    """An engine's greedy completion judged by the reference on the engine's own tokens (teacher forcing), for
+    reduced precision, where rounding may flip a near-tie and exact token equality is not owed."""
+
+    steps: int
+    reference_argmax: int  # steps where the engine chose the reference's own top token
+    max_tie_gap: float  # largest (reference's best logprob - its logprob of the engine's token)
+    max_logprob_delta: float  # largest |engine's logprob - reference's| of the engine's token
+
+
+def compare_close(checkpoint: str, prompts: list[list[int]], engine: list[Completion],
+                  dtype: torch.dtype) -> list[CloseParity]:
+    """Run the reference in `dtype` on each prompt followed by the engine's tokens, so both see the same context
+    at every step: how far each engine token is from the reference's best choice there, and how far apart the
+    two logprobs of that token are."""
+    model = load_reference(checkpoint, dtype=dtype)
+    rows = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, engine, strict=True):
+            full = torch.tensor([prompt + completion.tokens])
+            logprobs = torch.log_softmax(model(full, use_cache=False).logits[0].float(), dim=-1)
+            steps = logprobs[len(prompt) - 1:-1]
+            chosen = steps.gather(-1, torch.tensor(completion.tokens).unsqueeze(-1)).squeeze(-1)
+            rows.append(CloseParity(
+                steps=len(completion.tokens),
+                reference_argmax=int((steps.argmax(-1) == torch.tensor(completion.tokens)).sum()),
+                max_tie_gap=float((steps.max(-1).values - chosen).max()),
+                max_logprob_delta=float((chosen - torch.tensor(completion.token_logprobs)).abs().max())))
+    return rows
 
 
 def reference_embeddings(checkpoint: str, prompts: list[list[int]], normalize: bool = True) -> torch.Tensor:

@@ -13,3 +13,11 @@ FP32_MODULE_MATCH = 1e-5
 """Largest error, relative to the output's scale, under which a foreign module (a norm, an MLP, a block) probed
 by the importer counts as computing our formula. One module's float32 rounding is ~1e-7 relative; the nearest
 wrong candidates (exact vs tanh GELU on the probe, a rotary base off by 1 %) are ≥ 1e-4."""
+
+BF16_LOGPROB = 0.2
+"""Largest |Δlogprob| of the same token between a bfloat16 engine and the reference (bf16 or fp32), on the same
+context. (Provisional: to be set from measurements.)"""
+
+BF16_TIE = 0.2
+"""Largest gap between the reference's best logprob and its logprob of the token a bfloat16 engine chose: a token
+this close to the best is a near-tie that bf16 rounding may flip. (Provisional.)"""

@@ -44,15 +44,16 @@ def engine_args(checkpoint_dir: str | Path, kv_tokens: int) -> dict[str, object]
     return args
 
 
-def greedy(checkpoint_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[Completion]:
-    """Greedy-decode each token-id prompt with SGLang's offline Engine: the generated ids, their logprobs, and
-    the logprobs SGLang assigns to the prompt's own tokens at positions 1.. (position 0 has no prediction).
-    `ignore_eos` keeps every output exactly `max_new_tokens` long, so the comparison with a reference does
-    not depend on stop tokens."""
+def greedy(checkpoint_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, **overrides
+           ) -> list[Completion]:
+    """Greedy-decode each token-id prompt with SGLang's offline Engine (`overrides`: Engine arguments, e.g.
+    dtype="bfloat16"): the generated ids, their logprobs, and the logprobs SGLang assigns to the prompt's own
+    tokens at positions 1.. (position 0 has no prediction). `ignore_eos` keeps every output exactly
+    `max_new_tokens` long, so the comparison with a reference does not depend on stop tokens."""
     import sglang
 
     kv_tokens = sum(len(p) + max_new_tokens for p in prompts)
-    engine = sglang.Engine(**engine_args(checkpoint_dir, kv_tokens), log_level="error")
+    engine = sglang.Engine(**{**engine_args(checkpoint_dir, kv_tokens), **overrides}, log_level="error")
     try:
         outputs = engine.generate(
             input_ids=[list(p) for p in prompts],
