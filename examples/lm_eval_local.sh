@@ -4,7 +4,8 @@
 # continuation starts: it reads it from the checkpoint folder (nothing is downloaded). Needs
 # `pip install "lm-eval[api]"`.
 #   BASE_URL (default http://localhost:30000), MODEL (default fmbc),
-#   CHECKPOINT (the served folder, for its tokenizer; default: the embedded model)
+#   CHECKPOINT (the served folder, for its tokenizer; default: the embedded model), OPENAI_API_KEY (only for a
+#   server started with an API key: lm-eval sends it)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BASE_URL=${BASE_URL:-http://localhost:30000}

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 
 from openai import OpenAI
 
@@ -11,7 +12,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--base-url", default="http://localhost:30000/v1")
 parser.add_argument("--model", default="fmbc")
 args = parser.parse_args()
-client = OpenAI(base_url=args.base_url, api_key="unused")  # the local server needs no key
+# OPENAI_API_KEY, as the OpenAI SDKs read it, only for a server started with an API key
+client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"))
 
 completion = client.completions.create(model=args.model, prompt="In the beginning", max_tokens=32, temperature=0)
 print("completion:", repr(completion.choices[0].text))

@@ -5,6 +5,7 @@ This is what lm-eval's `local-completions` does for log-likelihood tasks.
 """
 
 import argparse
+import os
 
 from openai import OpenAI
 
@@ -12,7 +13,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--base-url", default="http://localhost:30000/v1")
 parser.add_argument("--model", default="fmbc")
 args = parser.parse_args()
-client = OpenAI(base_url=args.base_url, api_key="unused")
+# OPENAI_API_KEY, as the OpenAI SDKs read it, only for a server started with an API key
+client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"))
 
 for text in ("And God saw the light, that it was good.", "light good the that it saw was God And."):
     out = client.completions.create(model=args.model, prompt=text, max_tokens=0, echo=True, logprobs=1)

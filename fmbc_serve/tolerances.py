@@ -21,3 +21,7 @@ context. (Provisional: to be set from measurements.)"""
 BF16_TIE = 0.2
 """Largest gap between the reference's best logprob and its logprob of the token a bfloat16 engine chose: a token
 this close to the best is a near-tie that bf16 rounding may flip. (Provisional.)"""
+
+W8A8_BF16_LOGPROB = 0.3
+"""W8A8 (int8 weights per channel, int8 activations per token) served in bfloat16, against the full-precision
+reference in bfloat16: bf16's rounding (BF16_LOGPROB) plus int8's. (Provisional: to be set from measurements.)"""

@@ -7,8 +7,9 @@ release's own wheel (`pip download --no-deps`: no torch, no CUDA libraries) and 
 1. every `from <engine>... import name` in our engine code (plugin, model class) resolves: the module is in
    the wheel and binds the name (or it is a submodule);
 2. the registry and hook entry points we rely on exist: vLLM's `ModelRegistry.register_model` and the
-   `embed_input_ids` model contract, SGLang's `ModelRegistry.models` and every HookRegistry target of our
-   plugin (`fmbc_serve.engines.sglang.plugin.HOOKS`);
+   `embed_input_ids` model contract, SGLang's `ModelRegistry.models`, every HookRegistry target of our
+   plugin (`fmbc_serve.engines.sglang.plugin.HOOKS`) and the LogitsProcessor method our head-bias subclass
+   overrides;
 3. where the engine's CPU environment exists (scripts/venv.sh), it imports our model class and runs
    `register()` (this checkout's) with the new release's Python files in front of the tested release, then
    inspects the registry
@@ -146,7 +147,10 @@ def check_entry_points(engine: str, tree: Path) -> list[str]:
     else:
         from fmbc_serve.engines.sglang.plugin import HOOKS
 
-        wanted = [target for target, _, _ in HOOKS] + ["sglang.srt.plugins.hook_registry.HookRegistry.register"]
+        # our hooks' targets, and the method our LogitsProcessorWithBias overrides (a head with a bias)
+        wanted = [target for target, _, _ in HOOKS] + ["sglang.srt.plugins.hook_registry.HookRegistry.register",
+                                                       "sglang.srt.layers.logits_processor.LogitsProcessor."
+                                                       "_compute_lm_head"]
         registry = (module_file(tree, "sglang.srt.models.registry") or Path("/dev/null")).read_text()
         problems = [] if "models:" in registry or "self.models" in registry else ["ModelRegistry.models is gone"]
     return problems + [f"{target} is gone" for target in wanted if not has_method(tree, target)]

@@ -27,6 +27,10 @@ case $kind in
   *) echo "venv.sh: unknown environment '$kind' (expected core, vllm, sglang or quant)" >&2; exit 2 ;;
 esac
 
+# One build of an environment at a time: a second caller (CI builds the engine environments in the background while
+# the core suite runs) waits here for the first, then finds it ready.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$venv/.fmbc-ready" ]; then
   echo "venv.sh: building $venv (first time only)" >&2
   rm -rf "$venv"

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
-from support.servers import free_port, running_server
+from support.servers import Server
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ENGLISH = re.compile(r"\b(the|and|of|unto|shall|his|he|they|that|them)\b")
@@ -29,25 +28,26 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: int = 60
     return result.stdout
 
 
+def key(server: Server) -> dict[str, str]:
+    """The environment an example reads the server's API key from."""
+    return {"OPENAI_API_KEY": server.api_key}
+
+
 # The request on the model card, verbatim apart from the model name.
 MODEL_CARD_REQUEST = {"model": "fmbc", "prompt": "Once upon a time,", "max_tokens": 512, "temperature": 0.5}
 
 
 @pytest.fixture(scope="module")
-def fmbc_serve(tmp_path_factory):
-    """`fmbc serve` with no model argument: the embedded default model, through vLLM on this CPU."""
-    from support.engines import require
-
-    require("vllm")
-    port = free_port()
-    log = tmp_path_factory.mktemp("fmbc-serve") / "serve.log"
-    with running_server([bin_path("fmbc"), "serve", "--port", str(port)], port, log) as base_url:
-        yield base_url, log
+def fmbc_serve(default_model_server) -> Server:
+    """`fmbc serve` on the embedded default model, through vLLM on this CPU, with an API key (shared with the
+    operations tests: tests/engines/conftest.py); the examples read the key from OPENAI_API_KEY, as the OpenAI
+    SDKs and lm-eval do."""
+    return default_model_server("vllm")
 
 
-def assert_model_card_request_answered(base_url: str) -> None:
+def assert_model_card_request_answered(server: Server) -> None:
     """The card's request answers 200 with 512 tokens of English (the embedded model has a 1,024-token context)."""
-    reply = requests.post(base_url + "/v1/completions", json=MODEL_CARD_REQUEST, timeout=600)
+    reply = server.post("/v1/completions", MODEL_CARD_REQUEST)
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["usage"]["completion_tokens"] == 512, body["usage"]
@@ -55,54 +55,45 @@ def assert_model_card_request_answered(base_url: str) -> None:
 
 
 @pytest.mark.vllm
-def test_fmbc_serve_answers_the_model_card_request(fmbc_serve) -> None:
-    assert_model_card_request_answered(fmbc_serve[0])
+def test_fmbc_serve_answers_the_model_card_request(fmbc_serve: Server) -> None:
+    assert_model_card_request_answered(fmbc_serve)
 
 
 @pytest.mark.sglang
-def test_fmbc_serve_sglang_answers_the_model_card_request(tmp_path) -> None:
-    from support.engines import require
-
-    require("sglang")
-    port = free_port()
-    command = [bin_path("fmbc"), "serve", "--engine", "sglang", "--port", str(port)]
-    with running_server(command, port, tmp_path / "serve.log") as base_url:
-        assert_model_card_request_answered(base_url)
+def test_fmbc_serve_sglang_answers_the_model_card_request(default_model_server) -> None:
+    assert_model_card_request_answered(default_model_server("sglang"))
 
 
 @pytest.mark.vllm
-def test_fmbc_serve_answers_the_seed_curl_with_english(fmbc_serve) -> None:
-    base_url, log = fmbc_serve
+def test_fmbc_serve_answers_the_seed_curl_with_english(fmbc_serve: Server) -> None:
+    log = fmbc_serve.log
     deadline = time.monotonic() + 60  # fmbc serve polls /health itself, so its message may trail ours
     while "is ready after" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(1)
     assert "is ready after" in log.read_text() and "curl http://127.0.0.1" in log.read_text()
-    reply = json.loads(run(["bash", "curl.sh"], env={"BASE_URL": base_url}))
+    reply = json.loads(run(["bash", "curl.sh"], env={"BASE_URL": fmbc_serve.url, **key(fmbc_serve)}))
     text = reply["choices"][0]["text"]
     assert reply["model"] == "fmbc" and len(ENGLISH.findall(text)) >= 3, text
 
 
 @pytest.mark.vllm
-def test_openai_sdk_example(fmbc_serve) -> None:
-    base_url, _ = fmbc_serve
-    out = run([sys.executable, "openai_sdk.py", "--base-url", base_url + "/v1"])
+def test_openai_sdk_example(fmbc_serve: Server) -> None:
+    out = run([sys.executable, "openai_sdk.py", "--base-url", fmbc_serve.url + "/v1"], env=key(fmbc_serve))
     completion = re.search(r"^completion: (.*)$", out, re.M).group(1)
     assert ENGLISH.search(completion) and "stream:" in out and out.count("logprobs:") == 5
 
 
 @pytest.mark.vllm
-def test_score_prompt_example_prefers_the_real_verse(fmbc_serve) -> None:
-    base_url, _ = fmbc_serve
-    out = run([sys.executable, "score_prompt.py", "--base-url", base_url + "/v1"])
+def test_score_prompt_example_prefers_the_real_verse(fmbc_serve: Server) -> None:
+    out = run([sys.executable, "score_prompt.py", "--base-url", fmbc_serve.url + "/v1"], env=key(fmbc_serve))
     real, shuffled = (float(line.split()[0]) for line in out.strip().splitlines())
     assert real > shuffled
 
 
 @pytest.mark.vllm
-def test_lm_eval_example(fmbc_serve) -> None:
-    base_url, _ = fmbc_serve
+def test_lm_eval_example(fmbc_serve: Server) -> None:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    out = run(["bash", "lm_eval_local.sh"], env={"BASE_URL": base_url, "PATH": path})
+    out = run(["bash", "lm_eval_local.sh"], env={"BASE_URL": fmbc_serve.url, "PATH": path, **key(fmbc_serve)})
     accuracy = float(re.search(r"\|kjv_cloze\|.*?\|acc\s*\|[^|]*\|\s*([\d.]+)\|", out).group(1))
     assert accuracy >= 0.5, out[-1500:]  # 6 three-way items: chance is 1/3
 

@@ -76,7 +76,10 @@ def test_fmbc_serve_imports_a_foreign_checkpoint_once_and_serves_it(tmp_path: Pa
     with running_server([*command, "--port", str(port)], port, first_log, env=env) as base_url:
         assert_serves_the_foreign_model(base_url, src, "vLLM serving an imported Pythia-style checkpoint")
         reply = requests.post(base_url + "/v1/completions", json=MODEL_CARD_REQUEST, timeout=600)
-        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 512, reply.text
+        assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        whole = requests.post(base_url + "/v1/completions", json={**MODEL_CARD_REQUEST, "ignore_eos": True},
+                              timeout=600)  # a random model may end early: the context holds all 512 tokens
+        assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 512, whole.text
     (imported,) = (tmp_path / "cache").iterdir()
     assert "importing it into" in first_log.read_text() and "Converted from" in (imported / "README.md").read_text()
     port = free_port()

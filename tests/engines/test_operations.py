@@ -2,9 +2,9 @@
 (JSON schema), prefix caching and chunked prefill with the reference's tokens and logprobs, Prometheus
 /metrics, one log line per rejected request, 404 for an unknown model name, and the API-key check.
 
-Two servers per engine, shared by the tests of that engine:
+Two servers per engine:
 - `fmbc serve` as users start it (embedded default model, 127.0.0.1, `--api-key`), plus prefix caching, a
-  64-token prefill chunk and JSON without free whitespace;
+  64-token prefill chunk and JSON without free whitespace (shared with the examples' tests);
 - the engine's own server on a character-tokenizer checkpoint with V = 65,536, whose vocabulary holds the
   `<U+D800>`..`<U+DFFF>` placeholders for the surrogate code points that the grammar backend must cope with.
 """
@@ -13,33 +13,18 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 from support.engines import require
-from support.servers import free_port, running_server
+from support.servers import API_KEY, CHUNK, ENGINE_ENV, NO_FREE_WHITESPACE, Server, free_port, running_server
 
 from fmbc_serve.parity import reference_greedy
-from fmbc_serve.serve import DEFAULT_MODEL, SERVED_NAME
+from fmbc_serve.serve import DEFAULT_MODEL
 from fmbc_serve.tolerances import FP32_PARITY
 
 ENGINES = [pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("sglang", marks=pytest.mark.sglang)]
-API_KEY = "test-" + uuid.uuid4().hex
-CHUNK = 64
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# A small model (or a random one) may keep emitting whitespace between JSON tokens; both engines can forbid it.
-NO_FREE_WHITESPACE = {
-    "vllm": ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
-    "sglang": ["--constrained-json-disable-any-whitespace"],
-}
-OPS_FLAGS = {
-    "vllm": ["--dtype", "float32", "--enable-prefix-caching", "--max-num-batched-tokens", str(CHUNK),
-             "--max-num-seqs", "8"],
-    "sglang": ["--chunked-prefill-size", str(CHUNK), "--enable-cache-report"],
-}
 SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
@@ -61,18 +46,6 @@ METRICS = {
 }
 
 
-class Server:
-    """A running server: its URL, served model name, log, and the headers a client needs."""
-
-    def __init__(self, url: str, model: str, log: Path, api_key: str | None) -> None:
-        self.url, self.model, self.log = url, model, log
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def post(self, path: str, body: dict, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=body, headers=kwargs.pop("headers", self.headers), timeout=300,
-                             **kwargs)
-
-
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request) -> str:
     require(request.param)
@@ -80,15 +53,10 @@ def engine(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def ops(engine: str, tmp_path_factory):
-    """`fmbc serve --engine ENGINE --api-key KEY` on the default model, as users start it."""
-    port = free_port()
-    log = tmp_path_factory.mktemp(f"ops-{engine}") / "server.log"
-    fmbc = str(Path(sys.executable).parent / "fmbc")
-    command = [fmbc, "serve", "--engine", engine, "--port", str(port), "--api-key", API_KEY,
-               *OPS_FLAGS[engine], *NO_FREE_WHITESPACE[engine]]
-    with running_server(command, port, log, env=ENV, timeout=600) as url:
-        yield Server(url, SERVED_NAME, log, API_KEY)
+def ops(engine: str, default_model_server) -> Server:
+    """`fmbc serve --engine ENGINE --api-key KEY` on the default model, as users start it (shared with the
+    examples: tests/engines/conftest.py)."""
+    return default_model_server(engine)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +71,7 @@ def char_server(engine: str, tmp_path_factory):
     port = free_port()
     command, env = runner(engine).server_command(model, "127.0.0.1", port, "char", cuda=False)
     command += NO_FREE_WHITESPACE[engine] + (["--dtype", "float32"] if engine == "vllm" else [])
-    with running_server(command, port, root / "server.log", env={**ENV, **env}, timeout=600) as url:
+    with running_server(command, port, root / "server.log", env={**ENGINE_ENV, **env}, timeout=600) as url:
         yield Server(url, "char", root / "server.log", None)
 
 

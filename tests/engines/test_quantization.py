@@ -10,17 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from support.engines import require
 from support.servers import free_port, running_server
 
-from fmbc_serve.parity import Completion, compare, reference_greedy
+from fmbc_serve.parity import Completion, compare_close
+from fmbc_serve.tolerances import W8A8_BF16_LOGPROB
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 301, 302, 5, 5, 5, 9, 100]]
 NEW_TOKENS = 16
 ROOT = Path(__file__).resolve().parents[2]
-# Rounding every projection to int8 (and activations per token) moves logprobs by ~1e-3 on the tiny model.
-QUANT_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,9 @@ def test_quantize_without_llmcompressor_names_the_fix(tiny_checkpoints, tmp_path
 
 @pytest.mark.vllm
 def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -> None:
+    """Served in bfloat16: vLLM's CPU int8 kernel quantizes bf16 activations only on machines with AMX
+    ("int8_scaled_mm_with_quant: expect A to be bfloat16 or half"), and bf16 is what a GPU serves by default.
+    Judged by the full-precision reference in bf16 on the served tokens (`compare_close`)."""
     import requests
 
     require("vllm")
@@ -67,7 +70,7 @@ def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -
     sizes = [(Path(d) / "model.safetensors").stat().st_size for d in (full, quantized)]
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", quantized, "--port", str(port),
-               "--host", "127.0.0.1", "--dtype", "float32"]
+               "--host", "127.0.0.1", "--dtype", "bfloat16"]
     log = tmp_path / "server.log"
     with running_server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base_url:
         served = []
@@ -79,15 +82,13 @@ def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -
             logprobs = reply.json()["choices"][0]["logprobs"]
             served.append(Completion([int(t.removeprefix("token_id:")) for t in logprobs["tokens"]],
                                      logprobs["token_logprobs"], []))
-    reference = reference_greedy(full, PROMPTS, NEW_TOKENS)
-    for ref in reference:
-        ref.prompt_logprobs = []
-    rows = [compare(ref, eng, len(p)) for ref, eng, p in zip(reference, served, PROMPTS, strict=True)]
-    worst = max(row.max_delta for row in rows)
-    print(f"\nvLLM W8A8: greedy equal {[row.agree for row in rows]}, max |Δlogprob| vs fp32 {worst:.3e}, "
-          f"model.safetensors {sizes[1]} vs {sizes[0]} bytes ({sizes[1] / sizes[0]:.2f}x)")
-    assert all(row.agree for row in rows)
-    assert worst <= QUANT_TOLERANCE
+    rows = compare_close(full, PROMPTS, served, torch.bfloat16)
+    tie_gap, delta = max(r.max_tie_gap for r in rows), max(r.max_logprob_delta for r in rows)
+    print(f"\nvLLM W8A8 (bf16): the reference's top token at {sum(r.reference_argmax for r in rows)}/"
+          f"{sum(r.steps for r in rows)} steps, max tie gap {tie_gap:.3f}, max |Δlogprob| {delta:.3f} vs the "
+          f"full-precision reference in bf16; model.safetensors {sizes[1]} vs {sizes[0]} bytes "
+          f"({sizes[1] / sizes[0]:.2f}x)")
+    assert tie_gap <= W8A8_BF16_LOGPROB and delta <= W8A8_BF16_LOGPROB
     assert "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8" in log.read_text()
 
 

@@ -1,5 +1,5 @@
-"""Start a real engine server as a subprocess on a free port, wait until it is healthy, stop it after; read a vLLM
-server's request counters."""
+"""Start a real engine server as a subprocess on a free port, wait until it is healthy, stop it after; the flags
+and key of the servers the suites share (tests/engines/conftest.py); read a vLLM server's request counters."""
 
 from __future__ import annotations
 
@@ -9,10 +9,39 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+
+# One API key per test session, for the servers started with one.
+API_KEY = "test-" + uuid.uuid4().hex
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# 64-token prefill chunks: a prompt of a few hundred tokens is prefilled in several steps.
+CHUNK = 64
+# A small model (or a random one) may keep emitting whitespace between JSON tokens; both engines can forbid it.
+NO_FREE_WHITESPACE = {
+    "vllm": ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
+    "sglang": ["--constrained-json-disable-any-whitespace"],
+}
+DEFAULT_MODEL_FLAGS = {
+    "vllm": ["--dtype", "float32", "--enable-prefix-caching", "--max-num-batched-tokens", str(CHUNK),
+             "--max-num-seqs", "8"],
+    "sglang": ["--chunked-prefill-size", str(CHUNK), "--enable-cache-report"],
+}
+
+
+class Server:
+    """A running server: its URL, served model name, log, and the headers a client needs."""
+
+    def __init__(self, url: str, model: str, log: Path, api_key: str | None) -> None:
+        self.url, self.model, self.log, self.api_key = url, model, log, api_key
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def post(self, path: str, body: dict, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, json=body, headers=kwargs.pop("headers", self.headers), timeout=600,
+                             **kwargs)
 
 
 def free_port() -> int:
