@@ -31,9 +31,10 @@ def greedy_without_cache(model: FMBCForCausalLM, ids: list[int], steps: int) -> 
     return x[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("mode", ["binary", "affine", "learned"])
-def test_kv_cache_generation_equals_full_reforward(tiny_checkpoints: dict[str, str], mode: str) -> None:
-    model = load(tiny_checkpoints[mode])
+@pytest.mark.parametrize("mode", ["binary", "affine", "learned", "parallel", "parallel_shared_norm"])
+def test_kv_cache_generation_equals_full_reforward(tiny_checkpoints: dict[str, str],
+                                                  house_style_checkpoints: dict[str, str], mode: str) -> None:
+    model = load({**tiny_checkpoints, **house_style_checkpoints}[mode])
     for ids in PROMPTS:
         with torch.no_grad():
             cached = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
@@ -169,12 +170,3 @@ def test_each_block_style_computes_its_formula(house_style_checkpoints: dict[str
     assert (model.lm_head.bias is not None) == (style != "parallel")
     assert all(hasattr(layer, "post_attention_layernorm") == (style != "parallel_shared_norm")
                for layer in model.model.layers)
-
-
-@pytest.mark.parametrize("style", ["parallel", "parallel_shared_norm"])
-def test_parallel_blocks_generate_with_the_kv_cache(house_style_checkpoints: dict[str, str], style: str) -> None:
-    model = load(house_style_checkpoints[style])
-    for ids in PROMPTS:
-        with torch.no_grad():
-            cached = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-        assert cached[0, len(ids):].tolist() == greedy_without_cache(model, ids, 12)

@@ -18,6 +18,13 @@ def rotate_every_two(x):
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def sinusoidal_positions(num_pos, dim):
+    """[num_pos, dim] table: sin of every angle in the first half, cos in the second (as GPT-J caches it)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
+    sinusoid = torch.einsum("i , j -> i j", torch.arange(num_pos, dtype=torch.int64).float(), inv_freq).float()
+    return torch.cat((torch.sin(sinusoid), torch.cos(sinusoid)), dim=1)
+
+
 class GPTJAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -26,18 +33,21 @@ class GPTJAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.n_head, self.rotary_dim = config.n_head, config.rotary_dim
+        self.register_buffer("embed_positions", sinusoidal_positions(config.n_positions, config.rotary_dim),
+                             persistent=False)
 
-    def rope(self, x, t):
-        r = self.rotary_dim
-        freqs = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
-        angles = torch.outer(torch.arange(t).float(), freqs).repeat_interleave(2, dim=-1)
-        return torch.cat([x[..., :r] * angles.cos() + rotate_every_two(x[..., :r]) * angles.sin(), x[..., r:]], -1)
+    def apply_rotary(self, x, sincos):
+        half = sincos.shape[-1] // 2
+        sin, cos = (torch.repeat_interleave(t, 2, dim=-1)[:, None] for t in torch.split(sincos, half, -1))
+        rot = x[..., :self.rotary_dim]
+        return torch.cat([rot * cos + rotate_every_two(rot) * sin, x[..., self.rotary_dim:]], dim=-1)
 
     def forward(self, x):
         b, t, c = x.size()
-        q, k, v = (p(x).view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = self.rope(q, t), self.rope(k, t)
+        q, k, v = (p(x).view(b, t, self.n_head, c // self.n_head) for p in (self.q_proj, self.k_proj, self.v_proj))
+        sincos = self.embed_positions[:t]
+        q, k = (self.apply_rotary(z, sincos).transpose(1, 2) for z in (q, k))
+        v = v.transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
         att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         return self.out_proj((att @ v).transpose(1, 2).reshape(b, t, c))
@@ -71,13 +81,11 @@ class GPTJFMBCForCausalLM(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.1)
-            if module.bias is not None:
-                nn.init.normal_(module.bias, std=0.05)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.normal_(module.weight, mean=1.0, std=0.1)
-            nn.init.normal_(module.bias, std=0.1)
+        for name, param in module.named_parameters(recurse=False):  # matrices 0.1, biases 0.05, norm gains ~1
+            param.data.normal_(1.0 if isinstance(module, nn.LayerNorm) and name == "weight" else 0.0,
+                               0.1 if param.dim() > 1 or isinstance(module, nn.LayerNorm) else 0.05)
+        if isinstance(module, GPTJAttention):  # non-persistent: rebuilt after loading
+            module.embed_positions.copy_(sinusoidal_positions(*module.embed_positions.shape))
 
     def get_output_embeddings(self):
         return self.lm_head

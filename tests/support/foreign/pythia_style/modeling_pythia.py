@@ -65,13 +65,14 @@ class PythiaFMBCForCausalLM(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.1)
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.1))
+            module.weight.data.normal_(0.0, std)
             if module.bias is not None:
-                nn.init.normal_(module.bias, std=0.05)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.normal_(module.weight, mean=1.0, std=0.1)
-            nn.init.normal_(module.bias, std=0.1)
+                module.bias.data.normal_(0.0, std / 2)
+        elif isinstance(module, nn.LayerNorm):  # far from 1 and 0, so that a dropped norm parameter shows
+            module.weight.data = 1.0 + 0.1 * torch.randn_like(module.weight)
+            module.bias.data = 0.1 * torch.randn_like(module.bias)
 
     def get_output_embeddings(self):
         return self.embed_out
