@@ -96,6 +96,15 @@ def embed_input(embed_tokens: nn.Module, input_ids: torch.Tensor, dtype: torch.d
     return embed_tokens(input_ids)
 
 
+def layer_input(layer: nn.Module, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(hidden_states, residual)` pair with which `decoder_block` runs `layer` on the residual `stream`:
+    layer 0 takes its normalised input with the stream (what the input stage gives it), a later layer takes a zero
+    output to add to the stream (it normalises the sum itself)."""
+    if layer.layer_idx == 0:
+        return layer.input_layernorm(stream), stream
+    return torch.zeros_like(stream), stream
+
+
 def input_stage(embed_tokens: nn.Module, first_norm: nn.Module, eps: float, input_ids: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids -> (layer 0's normalised input, residual stream): the one input stage of every FMBC model.
@@ -245,7 +254,7 @@ class FMBCModel(FMBCPreTrainedModel):
             hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
                                                   self.config.norm_eps, input_ids, self.norm.weight.dtype)
         else:
-            hidden_states, residual = self.layers[0].input_layernorm(inputs_embeds), inputs_embeds
+            hidden_states, residual = layer_input(self.layers[0], inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)

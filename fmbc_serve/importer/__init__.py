@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..configuration_fmbc import FMBCConfig
+from ..configuration_fmbc import ACTIVATIONS, FMBCConfig
 from ..modeling_fmbc import FMBCForCausalLM
 from ..weights import canonical_tensors
 from .attention import recognise_attention, rotary_pct
@@ -65,7 +65,7 @@ def recognise(model: nn.Module, tokenizer: object, source: str, overrides: dict[
     if "hidden_act" in overrides:
         activations = [overrides["hidden_act"]]
     elif not mlp_parent:  # up and down sit in the block itself: no MLP module to call alone, the block test decides
-        activations = ["gelu", "gelu_tanh"]
+        activations = list(ACTIVATIONS)
     else:
         activations = probe_activation(get(mlp_parent), get(layout.up), get(layout.down), width)
     fields = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(structure.blocks),

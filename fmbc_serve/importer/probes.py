@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..configuration_fmbc import ACTIVATIONS
 from ..tolerances import FP32_MODULE_MATCH
 from .errors import ImportRefused
 from .structure import bias_of, matrix, norm_shift, norm_tensors
@@ -68,9 +69,9 @@ def probe_activation(mlp: nn.Module, up: nn.Module, down: nn.Module, width: int)
         with torch.no_grad():
             got = mlp(x).float()
     except Exception:  # noqa: BLE001 (a module with its own signature: leave it to the block test)
-        return ["gelu", "gelu_tanh"]
+        return list(ACTIVATIONS)
     errors = {}
-    for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+    for act, (approximate, _) in ACTIVATIONS.items():
         with torch.no_grad():
             want = nn.functional.gelu(pre_activation, approximate=approximate) @ matrix(down).t() + bias_of(down)
         errors[act] = float((got - want).abs().max())

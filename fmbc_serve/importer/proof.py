@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_fmbc import FMBCForCausalLM, causal_mask, embed_input
+from ..modeling_fmbc import FMBCForCausalLM, causal_mask, embed_input, layer_input
 from ..tolerances import FP32_MODULE_MATCH, FP32_PARITY
 from .errors import ImportRefused, few
 from .source import logits_of, streams_and_logits
@@ -50,8 +50,7 @@ def block_errors(ours: FMBCForCausalLM, streams: list[torch.Tensor]) -> list[flo
     errors = []
     with torch.no_grad():
         for layer, x, target in zip(ours.model.layers, streams, streams[1:], strict=False):
-            hidden = layer.input_layernorm(x) if layer.layer_idx == 0 else torch.zeros_like(x)  # see decoder_block
-            output, residual = layer(hidden, x, rotary, mask, None)
+            output, residual = layer(*layer_input(layer, x), rotary, mask, None)
             added = float((target - x).abs().max())
             errors.append(float((output + residual - target).abs().max()) / max(added, 1e-30))
     return errors

@@ -43,7 +43,7 @@ from vllm.sequence import IntermediateTensors
 
 from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.configuration_fmbc import FMBCConfig
-from fmbc_serve.modeling_fmbc import add_norm, decoder_block, embed_input, input_stage, make_norm
+from fmbc_serve.modeling_fmbc import add_norm, decoder_block, embed_input, input_stage, layer_input, make_norm
 from fmbc_serve.weights import PipelineStage, load_canonical_weights
 
 
@@ -153,7 +153,7 @@ class FMBCModel(nn.Module):
         if not get_pp_group().is_first_rank:
             hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
         elif inputs_embeds is not None:
-            hidden_states, residual = self.layers[0].input_layernorm(inputs_embeds), inputs_embeds
+            hidden_states, residual = layer_input(self.layers[0], inputs_embeds)
         else:
             hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
                                                   self.config.norm_eps, input_ids, self.dtype)

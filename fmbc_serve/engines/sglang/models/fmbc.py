@@ -39,6 +39,7 @@ from fmbc_serve.modeling_fmbc import (  # plain torch norms and RoPE maths, exac
     decoder_block,
     embed_input,
     input_stage,
+    layer_input,
     make_norm,
     rotary_cos_sin,
     rotary_inv_freq,
@@ -197,7 +198,7 @@ class FMBCModel(nn.Module):
             hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
                                                   self.config.norm_eps, input_ids, self.dtype)
         else:
-            hidden_states, residual = self.layers[0].input_layernorm(input_embeds), input_embeds
+            hidden_states, residual = layer_input(self.layers[0], input_embeds)
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](positions, hidden_states, residual, forward_batch)
         if not self.pp_group.is_last_rank:
