@@ -73,6 +73,7 @@ def stored_dtype(src: str, model: nn.Module) -> torch.dtype:
 
 
 def auto_map_refs(auto_map: dict) -> Iterator[str]:
+    """Every `module.Class` reference of a config's or tokenizer's auto_map."""
     for ref in auto_map.values():
         yield from ([ref] if isinstance(ref, str) else [r for r in ref if r])
 
@@ -87,7 +88,7 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a hook to end a forward pass early, once what it watches has been seen."""
 
 
 def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor,

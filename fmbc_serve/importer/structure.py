@@ -1,8 +1,9 @@
 """Where a foreign model keeps each part, found once from its modules and shapes (names only order q/k/v/o).
 
-`discover` returns a `Structure`: the decoder stack, one block's layout (its two norms, q/k/v or a fused qkv,
-the output projection, the MLP's up and down), the final norm and the head, the width and V. Recognition,
-conversion and the proof all read this one result.
+`discover` returns a `Structure`: the decoder stack, one block's layout (which norm feeds attention and which
+the MLP, q/k/v or a fused qkv, the output projection, the MLP's up and down, and the block style read from the
+data flow), the final norm and the head, the width and V. Recognition, conversion and the proof all read this
+one result.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ def matrix(module: nn.Module) -> torch.Tensor:
 
 
 def own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The module's parameters, not its children's."""
     return list(module.named_parameters(recurse=False))
 
 
 def is_projection(module: nn.Module) -> bool:
+    """A module with a 2-D weight (Linear, Conv1D, an embedding used as a head)."""
     return isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
 
 
 def is_norm(module: nn.Module, width: int) -> bool:
+    """A module whose own parameters are one or two width-sized vectors (scale, and perhaps shift)."""
     params = own_params(module)
     return bool(params) and all(p.dim() == 1 and p.shape[0] == width for _, p in params) and len(params) <= 2
 
@@ -52,11 +56,13 @@ def norm_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def norm_shift(module: nn.Module) -> torch.Tensor:
+    """A norm's shift, or zeros for a norm without one."""
     scale, shift = norm_tensors(module)
     return torch.zeros_like(scale) if shift is None else shift
 
 
 def bias_of(module: nn.Module) -> torch.Tensor | float:
+    """A projection's bias, or 0.0."""
     bias = getattr(module, "bias", None)
     return 0.0 if bias is None else bias.detach()
 
