@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import GenerationConfig
 
 from .binary_code import code_bits, random_affine
@@ -72,12 +73,20 @@ def make_config(preset: str, **overrides) -> FMBCConfig:
 
 def save_checkpoint(model: FMBCForCausalLM, tokenizer, out_dir: str | Path) -> Path:
     """Write model, config (with auto_map), tokenizer, generation config and the remote-code files."""
+    return write_checkpoint(model.config, model.state_dict(), tokenizer, out_dir)
+
+
+def write_checkpoint(config: FMBCConfig, tensors: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
+    """`save_checkpoint` from a config and the canonical tensors themselves, with no model built around them
+    (`fmbc import` writes the published size this way, from tensors that share the source model's memory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = model.config
     config.architectures = [ARCHITECTURE]
     config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(out, safe_serialization=True)
+    config.dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    config.save_pretrained(out)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id

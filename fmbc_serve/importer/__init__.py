@@ -151,8 +151,11 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
                       progress: bool = True) -> Recognised:
     """Convert SRC into an fmbc-serve checkpoint at `out_dir`, proven equal to SRC, or raise ImportRefused
     leaving `out_dir` untouched (SRC is only read). The weights are written in `dtype`, by default the dtype SRC
-    stores them in; the proof runs in float32 on the source upcast and the written checkpoint read back."""
-    from ..checkpoint import save_checkpoint
+    stores them in; the proof runs in float32, on exactly the values written (read back and compared bitwise).
+
+    Memory: our model shares the source model's tensors wherever the conversion leaves them as they are (only a
+    fused q/k/v is split into copies), and nothing is loaded twice, so the peak stays near twice the checkpoint."""
+    from ..checkpoint import write_checkpoint
     from ..tokenizer import CHAT_TEMPLATE
 
     out = Path(out_dir)
@@ -162,19 +165,20 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
     conversion = recognise(foreign, tokenizer, src, overrides, progress)
     recognised = conversion.recognised
     dtype = dtype or stored_dtype(src, foreign)
+    stored = {name: tensor.to(dtype) for name, tensor in conversion.tensors.items()}  # no copy when unchanged
+    lossless = all(torch.equal(stored[name].float(), tensor) for name, tensor in conversion.tensors.items())
+    ours = model_from_tensors(conversion.config, conversion.tensors if lossless else
+                              {name: tensor.float() for name, tensor in stored.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = FMBCForCausalLM(conversion.config)
-        model.load_state_dict(conversion.tensors, strict=True, assign=True)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHAT_TEMPLATE
             recognised.names["(chat template)"] = "added (the source has none)"
-        save_checkpoint(model.to(dtype).eval(), tokenizer, staging)
+        write_checkpoint(conversion.config, stored, tokenizer, staging)
         copy_tokenizer_code(src, staging)
-        del model, conversion.tensors
-        written = FMBCForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
-        recognised.proof = prove(foreign, conversion.structure, written, conversion.input_table, progress)
+        assert_written(staging, stored)
+        recognised.proof = prove(foreign, conversion.structure, ours, conversion.input_table, progress)
         recognised.proof["written_dtype"] = str(dtype).removeprefix("torch.")
         (staging / REPORT_FILE).write_text(json.dumps(asdict(recognised), indent=2) + "\n")
         (staging / "README.md").write_text(provenance(recognised))
@@ -185,3 +189,25 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
         if staging.exists():
             shutil.rmtree(staging)
     return recognised
+
+
+def model_from_tensors(config: FMBCConfig, tensors: dict[str, torch.Tensor]) -> FMBCForCausalLM:
+    """Our reference model holding `tensors` themselves: built without initialising (or touching) weights of its
+    own, then given the tensors (no copy)."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = FMBCForCausalLM(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def assert_written(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The checkpoint file holds exactly `tensors`, read back one at a time (so the proof of the tensors in memory
+    is a proof of the file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(tensors), "the written checkpoint's tensors differ from the converted ones"
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            assert torch.equal(f.get_tensor(name), tensors[name]), f"{name} was not written as converted"
