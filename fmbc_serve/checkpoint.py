@@ -72,21 +72,36 @@ def make_config(preset: str, **overrides) -> FMBCConfig:
 
 
 def save_checkpoint(model: FMBCForCausalLM, tokenizer, out_dir: str | Path) -> Path:
-    """Write model, config (with auto_map), tokenizer, generation config and the remote-code files."""
-    return write_checkpoint(model.config, model.state_dict(), tokenizer, out_dir)
+    """Write model, config (with auto_map), tokenizer, generation config and the remote-code files. The weights go
+    through `model.save_pretrained`, so a quantizer that replaced it (llm-compressor's compressed saver) writes
+    them and its `quantization_config`."""
+    out = _prepare(model.config, out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return _add_companions(model.config, tokenizer, out)
 
 
 def write_checkpoint(config: FMBCConfig, tensors: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
     """`save_checkpoint` from a config and the canonical tensors themselves, with no model built around them
     (`fmbc import` writes the published size this way, from tensors that share the source model's memory)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config.architectures = [ARCHITECTURE]
-    config.auto_map = dict(AUTO_MAP)
+    out = _prepare(config, out_dir)
     config.dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     config.save_pretrained(out)
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
+    return _add_companions(config, tokenizer, out)
+
+
+def _prepare(config: FMBCConfig, out_dir: str | Path) -> Path:
+    """Create the folder and point the config at our classes (architectures, auto_map for trust_remote_code)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.architectures = [ARCHITECTURE]
+    config.auto_map = dict(AUTO_MAP)
+    return out
+
+
+def _add_companions(config: FMBCConfig, tokenizer, out: Path) -> Path:
+    """What every checkpoint carries beside its weights: tokenizer, generation config, remote-code files."""
     tokenizer.save_pretrained(out)
     GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
