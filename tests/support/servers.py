@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -52,14 +52,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
-                   health_path: str = "/health", timeout: float = 600) -> Iterator[str]:
+                   health_path: str = "/health", timeout: float = 600,
+                   on_start: Callable[[int], None] | None = None) -> Iterator[str]:
     """Run `command` (which must listen on `port`), yield its base URL once `health_path` answers 200, and
-    stop the whole process group afterwards. The server's output goes to `log_path`, quoted on failure."""
+    stop the whole process group afterwards. The server's output goes to `log_path`, quoted on failure.
+    `on_start` gets the server's pid (also its session id) as soon as it runs, before it is healthy."""
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
     try:
+        if on_start is not None:
+            on_start(proc.pid)
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
