@@ -3,7 +3,7 @@
     python scripts/import_benchmark.py [--workdir DIR] [--layers 32] [--keep]
 
 Writes a Pythia-style FMBC checkpoint (its own modeling code, parallel residual, the code computed in forward)
-at V = 65,536, d = 1,024, 32 heads, MLP 4,096, context 1,024, float32 (~2.1 GB), then runs
+at V = 65,536, d = 1,024, 32 heads, MLP 4,096, context 1,024, float32 (1.9 GB), then runs
 `fmbc import SRC --out DIR --trust-remote-code` as a user does and prints wall time, peak memory (the import's
 resident set) and its ratio to the checkpoint's size, and the proof's figures, as one JSON line. Not in CI:
 writing the checkpoint alone takes a minute or two. Figures: docs/import.md.
