@@ -15,7 +15,8 @@ all running. At each concurrency it runs the engine's own benchmark client (`vll
 other round, each round on prompts of its own. A ratio is computed within a round, from measurements seconds
 apart, so that the machine's drift over minutes stays out of it; FMBC / fmbc-again measures what the method
 cannot tell apart. It prints and writes (OUT.json, OUT.png) the per-round ratios, their median and spread, and
-claims a difference only where the median lies outside the noise floor's min..max. `--quick` instead checks that
+claims a difference only where the median lies outside the noise band (the noise floor's min..max and their
+inverses). `--quick` instead checks that
 a shape serves at all: servers one at a time, a few prompts at 1 and 4 clients, with load time and memory.
 
 Run it with the repository's .venv (`bash scripts/venv.sh core` installs the `bench` extra, matplotlib); the engines
@@ -392,7 +393,9 @@ def summarise(measurements: dict[str, dict[int, list[dict]]]) -> dict:
 def paired_ratios(measurements: dict[str, dict[int, list[dict]]]) -> dict:
     """For each pair of PAIRS that was measured: per concurrency, the throughput ratio of every round (both from
     the same round) and their spread. Each ratio other than the noise floor says whether it is a claimed difference:
-    its median outside the noise floor's min..max at that concurrency (None without a noise floor)."""
+    its median outside the noise band at that concurrency (None without a noise floor). Which of two servers of one
+    checkpoint is "again" is arbitrary, so the band holds each noise ratio and its inverse: a floor of 0.95..0.97
+    means chance alone moved a ratio by up to 1/0.95, either way."""
     ratios: dict[str, dict[int, dict]] = {}
     for first, second in PAIRS:
         if first not in measurements or second not in measurements:
@@ -410,8 +413,17 @@ def paired_ratios(measurements: dict[str, dict[int, list[dict]]]) -> dict:
             continue
         for concurrency, ratio in by_concurrency.items():
             floor = noise.get(concurrency)
-            ratio["claimed"] = None if floor is None else not floor["min"] <= ratio["median"] <= floor["max"]
+            if floor is None:
+                ratio["claimed"] = None
+                continue
+            low, high = ratio["noise_band"] = noise_band(floor)
+            ratio["claimed"] = not low <= ratio["median"] <= high
     return ratios
+
+
+def noise_band(floor: dict) -> list[float]:
+    """The noise floor's min..max widened by their inverses (the floor's direction is arbitrary)."""
+    return [min(floor["min"], 1 / floor["max"]), max(floor["max"], 1 / floor["min"])]
 
 
 def print_tables(engine: str, result: dict) -> None:
@@ -434,8 +446,9 @@ def print_tables(engine: str, result: dict) -> None:
         print(f"{engine}: throughput ratio per round, median [min..max]; noise floor = {NOISE_FLOOR}")
     for name, by_concurrency in result["ratios"].items():
         for concurrency, ratio in by_concurrency.items():
-            verdict = {None: "", True: "  claimed: outside the noise floor",
-                       False: "  within the noise floor"}[ratio.get("claimed")]
+            verdict = "" if ratio.get("claimed") is None else (
+                f"  {'claimed: outside' if ratio['claimed'] else 'within'} the noise band "
+                f"{ratio['noise_band'][0]:.3f}..{ratio['noise_band'][1]:.3f}")
             print(f"  {name:<16} c={concurrency:<3} {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}]"
                   f"  rounds " + " ".join(f"{v:.2f}" for v in ratio["values"]) + verdict)
 
@@ -453,8 +466,9 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         ratio_axis, throughput_axis, latency_axis = axes[row]
         noise = result["ratios"].get(NOISE_FLOOR, {})
         if noise:
-            ratio_axis.fill_between(list(noise), [r["min"] for r in noise.values()], [r["max"] for r in noise.values()],
-                                    color="grey", alpha=0.25, label=f"noise floor ({NOISE_FLOOR}) min..max")
+            bands = [noise_band(floor) for floor in noise.values()]
+            ratio_axis.fill_between(list(noise), [b[0] for b in bands], [b[1] for b in bands], color="grey",
+                                    alpha=0.25, label=f"noise band ({NOISE_FLOOR} min..max and inverses)")
         for offset, (name, by_concurrency) in enumerate(result["ratios"].items()):
             shift = 2 ** (0.06 * (offset - 1))  # side by side, not on top of each other
             line = ratio_axis.plot([c * shift for c in by_concurrency], [r["median"] for r in by_concurrency.values()],
