@@ -497,7 +497,8 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
             axis.set_ylabel(label)
             axis.set_title(f"{engine}: {label}")
             axis.grid(True, alpha=0.3)
-            axis.legend(fontsize=7)
+            if axis.get_legend_handles_labels()[0]:  # --quick leaves the ratio axis empty
+                axis.legend(fontsize=7)
         latency_axis.set_yscale("log")
     figure.suptitle(title)
     figure.tight_layout()
