@@ -120,13 +120,14 @@ def compare_close(checkpoint: str, prompts: list[list[int]], engine: list[Comple
     rows = []
     with torch.no_grad():
         for prompt, completion in zip(prompts, engine, strict=True):
-            full = torch.tensor([prompt + completion.tokens])
+            tokens = torch.tensor(completion.tokens)
+            full = torch.cat([torch.tensor(prompt), tokens]).unsqueeze(0)
             logprobs = torch.log_softmax(model(full, use_cache=False).logits[0].float(), dim=-1)
             steps = logprobs[len(prompt) - 1:-1]
-            chosen = steps.gather(-1, torch.tensor(completion.tokens).unsqueeze(-1)).squeeze(-1)
+            chosen = steps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             rows.append(CloseParity(
-                steps=len(completion.tokens),
-                reference_argmax=int((steps.argmax(-1) == torch.tensor(completion.tokens)).sum()),
+                steps=len(tokens),
+                reference_argmax=int((steps.argmax(-1) == tokens).sum()),
                 max_tie_gap=float((steps.max(-1).values - chosen).max()),
                 max_logprob_delta=float((chosen - torch.tensor(completion.token_logprobs)).abs().max())))
     return rows
