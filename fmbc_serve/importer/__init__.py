@@ -13,6 +13,7 @@ trusts a name alone. One module a job:
 - `convert`: foreign tensors under our names;
 - `proof`: the written checkpoint against the source (input bitwise, block by block, norms, logits, greedy);
 - `report`: what was found and proved (import_report.json, the printed table, the folder's README).
+- `errors`: `ImportRefused`, the one refusal (the CLI shows it as one line, exit status 2).
 Thresholds live in fmbc_serve/tolerances.py.
 """
 
