@@ -7,9 +7,32 @@ is copied into checkpoint folders and imports only transformers, torch and its s
 
 from __future__ import annotations
 
+import re
+
+import transformers
 from transformers import PretrainedConfig
 
 from .binary_code import BinaryCode, CodeError, check_code_options, code_bits
+
+# The transformers releases this code (and so every checkpoint's remote code) is tested on, oldest and newest: CI
+# runs the core suite on both (fmbc_serve/versions.py CORE_RANGES; tests/unit/test_versions.py keeps them equal).
+TRANSFORMERS_TESTED = ("5.16.1", "5.24.0")
+
+
+def check_transformers(running: str = transformers.__version__) -> None:
+    """Refuse, in one line, a transformers older than the oldest tested release: its cache and generate API differ
+    and the model would answer wrongly or fail deep inside generate. A newer release is not refused: the model's
+    `forward` takes no `**kwargs`, so an argument renamed there (as 5.24 renamed `past_key_values`) fails loudly."""
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group(0).split("."))
+
+    if release(running) < release(TRANSFORMERS_TESTED[0]):
+        raise ImportError(f"FMBC model code needs transformers >= {TRANSFORMERS_TESTED[0]} (tested "
+                          f"{TRANSFORMERS_TESTED[0]} to {TRANSFORMERS_TESTED[1]}); this environment has transformers "
+                          f"{running}: pip install 'transformers>={TRANSFORMERS_TESTED[0]}'")
+
+
+check_transformers()
 
 INPUT_MODES = ("binary", "affine", "learned")
 # How a block combines attention and MLP: one after the other (Llama, GPT-2), side by side on the same input with a
@@ -57,7 +80,7 @@ class FMBCConfig(PretrainedConfig):
     """
 
     model_type = "fmbc"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -29,6 +29,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .binary_code import FixedCodeInput, check_token_ids
 from .configuration_fmbc import FMBCConfig
 
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the argument `generate` passes to `forward`
+# and the field of the model outputs. `forward` takes both names (so each release in the supported range hands its
+# cache over) and answers under this release's field name. tests/unit/test_model.py has the test that fails once the
+# oldest supported transformers needs only `cache`.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed under either name (see CACHE_FIELD); both at once is a caller's mistake."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
+
+
 try:  # the fused code + first-norm Triton kernel, installed with fmbc-serve; absent in a bare checkpoint folder
     from fmbc_kernels import fused_code_norm, fused_kernel_enabled
 except ImportError:
@@ -159,7 +173,7 @@ class FMBCAttention(nn.Module):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        past_key_values: Cache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
@@ -167,8 +181,8 @@ class FMBCAttention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -197,9 +211,9 @@ class FMBCDecoderLayer(nn.Module):
             self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config)
 
-    def forward(self, hidden_states, residual, rotary, attention_mask, past_key_values):
+    def forward(self, hidden_states, residual, rotary, attention_mask, cache):
         return decoder_block(self, hidden_states, residual,
-                             lambda x: self.self_attn(x, rotary, attention_mask, past_key_values))
+                             lambda x: self.self_attn(x, rotary, attention_mask, cache))
 
 
 class FMBCPreTrainedModel(PreTrainedModel):
@@ -243,11 +257,14 @@ class FMBCModel(FMBCPreTrainedModel):
         return self.embed_tokens
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                past_key_values: Cache | None = None) -> BaseModelOutputWithPast:
+        """No `**kwargs`: an argument transformers renames or adds (5.24's `cache`) must fail here, loudly, rather
+        than be dropped and change the answer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = one_cache(cache, past_key_values)
         if inputs_embeds is None:
             # Out-of-range ids raise instead of aliasing onto a real token or indexing past the table.
             check_token_ids(input_ids, self.config.vocab_size)
@@ -256,9 +273,9 @@ class FMBCModel(FMBCPreTrainedModel):
         else:
             hidden_states, residual = layer_input(self.layers[0], inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         batch, length = residual.shape[:2]
         if past_length + length > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past_length + length} tokens exceeds the context length "
@@ -272,12 +289,9 @@ class FMBCModel(FMBCPreTrainedModel):
         mask = causal_mask(length, past_length, attention_mask, residual.device)
         rotary = self.rotary_emb(position_ids)
         for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, residual, rotary, mask,
-                                            past_key_values if use_cache else None)
+            hidden_states, residual = layer(hidden_states, residual, rotary, mask, cache if use_cache else None)
         hidden_states, _ = add_norm(self.norm, hidden_states, residual)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
 
 def causal_mask(
@@ -322,18 +336,19 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -345,4 +360,5 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+        return output if return_dict is not False else output.to_tuple()

@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fmbc_serve import FMBCForCausalLM
+from fmbc_serve import FMBCForCausalLM, versions
 from fmbc_serve.checkpoint import make_config
-from fmbc_serve.modeling_fmbc import causal_mask, embed_input
+from fmbc_serve.configuration_fmbc import TRANSFORMERS_TESTED, check_transformers
+from fmbc_serve.modeling_fmbc import CACHE_FIELD, causal_mask, embed_input
 from fmbc_serve.serve import DEFAULT_MODEL
 
 PROMPTS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116], [7]]
@@ -170,3 +171,42 @@ def test_each_block_style_computes_its_formula(house_style_checkpoints: dict[str
     assert (model.lm_head.bias is not None) == (style != "parallel")
     assert all(hasattr(layer, "post_attention_layernorm") == (style != "parallel_shared_norm")
                for layer in model.model.layers)
+
+
+def test_cache_is_taken_under_either_name(tiny_checkpoints: dict[str, str]) -> None:
+    """transformers 5.24 passes the KV cache as `cache`, older releases as `past_key_values`: a cache handed over
+    under either name is used (continuing from it equals a full forward), and both at once is refused."""
+    model = load(tiny_checkpoints["binary"])
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[0, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = model(ids[:, :-1], use_cache=True)
+            step = model(ids[:, -1:], use_cache=True, **{name: getattr(prefix, CACHE_FIELD)})
+            torch.testing.assert_close(step.logits[0, -1], full, rtol=1e-5, atol=1e-5)
+        cache = model(ids[:, :-1], use_cache=True)[CACHE_FIELD]
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, -1:], cache=cache, past_key_values=cache)
+
+
+def test_unknown_forward_arguments_fail_loudly(tiny_checkpoints: dict[str, str]) -> None:
+    """A keyword the model does not know (what a renamed transformers argument looks like) is an error, never
+    dropped: that is how 5.24's `cache` silently changed every continuation."""
+    model = load(tiny_checkpoints["binary"])
+    with pytest.raises(TypeError, match="output_attentions"):
+        model(torch.tensor([PROMPTS[0]]), output_attentions=True)
+
+
+def test_cache_name_shim_is_still_needed() -> None:
+    """`one_cache` and CACHE_FIELD exist for transformers releases before 5.24 (`past_key_values`): once the oldest
+    supported release is 5.24 or newer, this fails so that the shim is removed."""
+    oldest = versions.CORE_RANGES["transformers"][0]
+    assert versions.release(oldest) < (5, 24), f"oldest supported transformers is {oldest}: drop the cache-name shim"
+
+
+def test_remote_code_refuses_an_older_transformers() -> None:
+    check_transformers(TRANSFORMERS_TESTED[0])
+    check_transformers("9.0.0")  # newer is not refused: strict signatures catch renamed arguments
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.16\.1 \(tested 5\.16\.1 to 5\.24\.0\); this "
+                                          r"environment has transformers 4\.57\.6"):
+        check_transformers("4.57.6")
