@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import make_config, save_checkpoint
+from .configuration_fmbc import INPUT_MODES
 from .modeling_fmbc import FMBCForCausalLM
 from .tokenizer import train_bpe_tokenizer
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="UTF-8 text file to train on")
     p.add_argument("--out", required=True, help="checkpoint folder (written at every evaluation and at the end)")
     p.add_argument("--preset", default="tiny", help="shape to start from (default: tiny)")
-    p.add_argument("--input-mode", choices=["binary", "affine", "learned"], default="binary")
+    p.add_argument("--input-mode", choices=INPUT_MODES, default="binary")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on --data (V; K=ceil(log2 V))")
     p.add_argument("--hidden-size", type=int)
     p.add_argument("--layers", type=int)

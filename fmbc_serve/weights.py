@@ -45,7 +45,7 @@ class PipelineStage:
     pipeline stage holds them (or, in vLLM's pooling runner, because no head is needed). Tensors of the others
     are checked, not loaded."""
 
-    elsewhere: frozenset[str] = frozenset()  # module names, e.g. {"model.layers.1", "model.norm", "lm_head"}
+    placeholder_modules: frozenset[str] = frozenset()  # e.g. {"model.layers.1", "model.norm", "lm_head"}
 
     @classmethod
     def of(cls, model: nn.Module, placeholders: tuple[type, ...]) -> PipelineStage:
@@ -55,7 +55,7 @@ class PipelineStage:
 
     def holds(self, name: str) -> bool:
         """Whether this stage holds the canonical (or quantization) tensor `name`."""
-        return not any(name.startswith(module + ".") for module in self.elsewhere)
+        return not any(name.startswith(module + ".") for module in self.placeholder_modules)
 
 
 def canonical_tensors(config: FMBCConfig) -> dict[str, tuple[int, ...]]:
@@ -175,7 +175,7 @@ def load_canonical_weights(
     params = dict(model.named_parameters())
     quantized = quantized_layers(params, expected)
     configured = quantization_configured(config)
-    elsewhere: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # judged once every tensor is seen
+    not_held: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # name -> (shape, dtype), judged once all are seen
     found: set[str] = set()
     loaded: set[str] = set()
     filled: set[tuple[str, str | None]] = set()
@@ -184,7 +184,7 @@ def load_canonical_weights(
         found.add(name)
         target, shard = engine_name(name)
         if not stage.holds(name):
-            elsewhere[name] = (tuple(tensor.shape), tensor.dtype)
+            not_held[name] = (tuple(tensor.shape), tensor.dtype)
             continue
         if layer_of(target) in quantized:  # the quantization method's parameters check their own tensors
             if target not in params:
@@ -210,12 +210,12 @@ def load_canonical_weights(
                      for name in names for shard in shards if (name, shard) not in filled]
     # Another stage's layers that hold quantization tensors are that stage's quantization method's to check.
     layers = {layer_of(name) for name in expected}
-    quantized_elsewhere = ({layer_of(name) for name in elsewhere if name not in expected} & layers if configured
-                           else set())
-    problems += [problem for name, (shape, dtype) in elsewhere.items() if layer_of(name) not in quantized_elsewhere
+    quantized_not_held = ({layer_of(name) for name in not_held if name not in expected} & layers if configured
+                          else set())
+    problems += [problem for name, (shape, dtype) in not_held.items() if layer_of(name) not in quantized_not_held
                  and (problem := tensor_problem(name, shape, dtype, expected, configured))]
     problems += missing_tensors(expected, found, lambda name: layer_of(engine_name(name)[0]) in quantized
-                                or layer_of(name) in quantized_elsewhere)
+                                or layer_of(name) in quantized_not_held)
     raise_problems(problems)
     return loaded
 

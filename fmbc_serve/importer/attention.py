@@ -4,10 +4,10 @@ matches the foreign block's."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from ..configuration_fmbc import FMBCConfig
 from ..modeling_fmbc import FMBCDecoderLayer, FMBCRotaryEmbedding, causal_mask
 from ..tolerances import FP32_MODULE_MATCH
 from ..weights import canonical_tensors
-from .convert import complete, convert_block
+from .convert import Attention, complete, convert_block
 from .errors import ImportRefused
 from .structure import BlockLayout
 
@@ -25,17 +25,6 @@ HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
 THETA_KEYS = ("rope_theta", "rotary_emb_base", "rope_base", "theta", "rotary_base", "base")
 FRACTION_KEYS = ("rotary_pct", "partial_rotary_factor", "rotary_emb_fraction", "rope_fraction")
 COMMON_THETAS = (10000.0, 500000.0, 1000000.0, 100000.0)
-
-
-@dataclass(frozen=True)
-class Attention:
-    """The attention conventions a candidate assumes."""
-
-    heads: int
-    fused_order: str | None  # a fused qkv's order: "qkv" (stacked) or "per_head" (GPT-NeoX); None: separate q/k/v
-    rotary: str  # "rotate_half" or "interleaved"
-    rotary_dim: int
-    theta: float
 
 
 def config_value(config: object, keys: tuple[str, ...]) -> object:
@@ -73,18 +62,17 @@ def rotary_pct(rotary_dim: int, head_dim: int) -> float:
 def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout, fields: dict,
                         streams: list[torch.Tensor], activations: list[str], overrides: dict[str, object]
                         ) -> tuple[Attention, str]:
-    """The attention conventions (and activation, if probing left two) under which our block, run on the
-    foreign first block's input, gives the foreign block's output. Bases come from buffers, the config and
-    common values; if none fits, the base of the closest candidate is fitted by a search over log(theta). The
-    user's `--set num_attention_heads / rope_theta / rotary_pct / hidden_act` replace the search for that fact."""
+    """The attention conventions, and which of `activations` (what probing left, or the user's `--set
+    hidden_act`), under which our block, run on the foreign first block's input, gives the foreign block's
+    output. Bases come from buffers, the config and common values; if none fits, the base of the closest
+    candidate is fitted by a search over log(theta). The user's `--set num_attention_heads / rope_theta /
+    rotary_pct` replace the search for that fact."""
     width = fields["hidden_size"]
     configured = overrides.get("num_attention_heads", config_value(model.config, HEAD_KEYS))
     heads_options = list(dict.fromkeys([*([int(configured)] if isinstance(configured, int) else []),
                                         *(h for h in range(1, width + 1) if width % h == 0 and width // h % 2 == 0)]))
     if "num_attention_heads" in overrides:
         heads_options = heads_options[:1]
-    if "hidden_act" in overrides:
-        activations = [overrides["hidden_act"]]
     x, target = streams[0], streams[1]
     positions = torch.arange(x.shape[1]).unsqueeze(0)
     mask = causal_mask(x.shape[1], 0, None, x.device)
@@ -96,13 +84,13 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
             hidden, residual = layer(torch.zeros_like(x), x, FMBCRotaryEmbedding(rope)(positions), mask, None)
         return float((hidden + residual - target).abs().max()) / max(1.0, float(target.abs().max()))
 
-    def loaded_layer(conv: Attention, act: str) -> FMBCDecoderLayer:
-        config = FMBCConfig(**{**fields, "num_attention_heads": conv.heads, "hidden_act": act,
+    def loaded_layer(attention: Attention, act: str) -> FMBCDecoderLayer:
+        config = FMBCConfig(**{**fields, "num_attention_heads": attention.heads, "hidden_act": act,
                                "num_hidden_layers": 1, "input_mode": "learned"})
         layer = FMBCDecoderLayer(config, layer_idx=1).eval()  # an index > 0 normalises its own input
         expected = {k.removeprefix("model.layers.0."): shape for k, shape in canonical_tensors(config).items()
                     if k.startswith("model.layers.0.")}
-        converted = convert_block(block, layout, conv, width, "")
+        converted = convert_block(block, layout, attention, width, "")
         layer.load_state_dict(complete({k.removeprefix("."): v for k, v in converted.items()}, expected))
         return layer
 
@@ -123,14 +111,15 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
                     best_here = (error, Attention(heads, order, rotary, dim, theta), act)
                 if error <= FP32_MODULE_MATCH:
                     return best_here[1], act
-        conv, act = best_here[1], best_here[2]
+        closest, act = best_here[1], best_here[2]
         if "rope_theta" in overrides:  # the user's base is the only one tried
             best = min(best, best_here, key=lambda candidate: candidate[0])
             continue
-        layer = loaded_layer(conv, act)
-        theta = fit_theta(lambda t, layer=layer, conv=conv: block_error(layer, conv.heads, conv.rotary_dim, t))
-        if block_error(layer, conv.heads, conv.rotary_dim, theta) <= FP32_MODULE_MATCH:
-            return Attention(conv.heads, conv.fused_order, conv.rotary, conv.rotary_dim, theta), act
+        layer = loaded_layer(closest, act)
+        rotated = closest.rotary_dim
+        theta = fit_theta(lambda t, layer=layer, heads=heads, rotated=rotated: block_error(layer, heads, rotated, t))
+        if block_error(layer, heads, rotated, theta) <= FP32_MODULE_MATCH:
+            return dataclasses.replace(closest, theta=theta), act
         best = min(best, best_here, key=lambda candidate: candidate[0])
     raise ImportRefused(f"the first block matches no supported convention (pre-norm rotary attention and a GELU "
                         f"MLP, {fields['block_style']}); closest: {best[1]} with {best[2]}, relative error "

@@ -12,7 +12,7 @@ import itertools
 import torch
 
 from ..binary_code import BinaryCode, CodeError, bit_parity, code_bits, gf2_inverse
-from .errors import ImportRefused, few
+from .errors import ImportRefused, format_ids
 
 
 def solve_code(table: torch.Tensor) -> tuple[dict, str]:
@@ -26,7 +26,7 @@ def solve_code(table: torch.Tensor) -> tuple[dict, str]:
         if in_two.float().mean() < 0.99:
             return {"input_mode": "learned"}, "not a two-valued table: imported as a learned table"
         bad = (~in_two).any(1).nonzero().flatten().tolist()
-        raise ImportRefused(f"the input table is a two-valued binary code except at id(s) {few(bad)} "
+        raise ImportRefused(f"the input table is a two-valued binary code except at id(s) {format_ids(bad)} "
                             f"({len(bad)} of {vocab} rows hold other values): refusing a damaged code")
     if values.numel() < 2:
         return {"input_mode": "learned"}, "every id has the same input: imported as a learned table"
@@ -47,7 +47,7 @@ def solve_code(table: torch.Tensor) -> tuple[dict, str]:
     kind, scale, (affine_cost, functions, bad_ids) = best
     if bad_ids:
         if len(bad_ids) <= max(1, vocab // 100):
-            raise ImportRefused(f"the input table is a binary code except at id(s) {few(bad_ids)}, whose rows "
+            raise ImportRefused(f"the input table is a binary code except at id(s) {format_ids(bad_ids)}, whose rows "
                                 "follow no code the other ids share: refusing a damaged code")
         return {"input_mode": "learned"}, "two-valued, but no affine function of the id bits: imported as learned"
     return code_fields(vocab, width, kind, scale, functions, table)

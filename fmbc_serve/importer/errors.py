@@ -1,4 +1,4 @@
-"""The importer's one error: a source that cannot be imported exactly."""
+"""The importer's one error, and how its messages list ids."""
 
 from __future__ import annotations
 
@@ -7,6 +7,6 @@ class ImportRefused(ValueError):
     """The source cannot be imported exactly; the message says why (shown as a CLI error, exit status 2)."""
 
 
-def few(ids: list[int]) -> str:
+def format_ids(ids: list[int]) -> str:
     """The first ids of a list, for a message."""
     return ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")

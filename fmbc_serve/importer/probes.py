@@ -8,7 +8,7 @@ from torch import nn
 from ..configuration_fmbc import ACTIVATIONS
 from ..tolerances import FP32_MODULE_MATCH
 from .errors import ImportRefused
-from .structure import bias_of, matrix, norm_shift, norm_tensors
+from .structure import Structure, bias_of, matrix, norm_shift, norm_tensors
 
 # Norm probes of this size make eps dominate the variance, so eps can be solved for; eps values that foreign code
 # uses, which an estimate within 2 % snaps to.
@@ -48,6 +48,18 @@ def probe_norm(module: nn.Module, width: int) -> tuple[str, float]:
     return kind, eps
 
 
+def shared_norm(model: nn.Module, structure: Structure) -> tuple[str, float]:
+    """(kind, eps) of the model's norms, probed one by one: FMBC uses one norm throughout, so any that differs
+    from the first block's attention norm is refused."""
+    width = structure.width
+    kind, eps = probe_norm(structure.blocks[0].get_submodule(structure.layout.attn_norm), width)
+    for name, norm in structure.named_norms(model):
+        if (found := probe_norm(norm, width)) != (kind, eps):
+            raise ImportRefused(f"the model's norms differ: {name} is {found[0]} with eps {found[1]:g}, the first "
+                                f"block's attention norm {kind} with eps {eps:g}; FMBC uses one norm throughout")
+    return kind, eps
+
+
 def snap_eps(estimate: float) -> float:
     """Round an estimated eps to the common value it is within 2 % of, if any."""
     for common in COMMON_EPS:
@@ -81,3 +93,13 @@ def probe_activation(mlp: nn.Module, up: nn.Module, down: nn.Module, width: int)
         raise ImportRefused(f"the MLP ({type(mlp).__name__}) is not up -> GELU (exact or tanh) -> down; if you know "
                             "which GELU it is, pass --set hidden_act=gelu|gelu_tanh")
     return found
+
+
+def mlp_activations(structure: Structure) -> list[str]:
+    """The GELU variants the first block's MLP may use, closest first (`probe_activation`); every one when up and
+    down sit in the block itself, with no MLP module to call alone (then the block test decides)."""
+    layout, get = structure.layout, structure.blocks[0].get_submodule
+    mlp = layout.down.rpartition(".")[0]
+    if not mlp:
+        return list(ACTIVATIONS)
+    return probe_activation(get(mlp), get(layout.up), get(layout.down), structure.width)

@@ -18,18 +18,12 @@ from torch import nn
 
 from ..modeling_fmbc import FMBCForCausalLM, causal_mask, embed_input, layer_input
 from ..tolerances import FP32_MODULE_MATCH, FP32_PARITY
-from .errors import ImportRefused, few
+from .errors import ImportRefused, format_ids
 from .source import logits_of, streams_and_logits
 from .structure import Structure
 
 GREEDY_PROMPTS = 3
 GREEDY_STEPS = 8
-
-
-def our_stream_modules(model: FMBCForCausalLM) -> list[nn.Module]:
-    """The modules of our model that receive the residual stream at each depth: every block's first norm, then
-    the final norm (the foreign side is `Structure.stream_modules`)."""
-    return [layer.input_layernorm for layer in model.model.layers] + [model.model.norm]
 
 
 def greedy(model: nn.Module, prompt: torch.Tensor, steps: int) -> list[int]:
@@ -89,7 +83,7 @@ def prove(foreign: nn.Module, structure: Structure, ours: FMBCForCausalLM, table
     differing = (ours_input != table).any(-1).nonzero().flatten().tolist()
     if differing:
         raise ImportRefused(f"the converted model's input differs from the source's at {len(differing)} of {vocab} "
-                            f"id(s): {few(differing)}")
+                            f"id(s): {format_ids(differing)}")
     gen = torch.Generator().manual_seed(3)
     lengths = sorted({context, max(1, context // 2), min(context, 37), min(context, 5)}, reverse=True)
     logit_worst, block_worst = 0.0, [0.0] * ours.config.num_hidden_layers

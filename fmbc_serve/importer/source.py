@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -88,7 +89,38 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Stop(Exception):
-    """Raised by a hook to end a forward pass early, once what it watches has been seen."""
+    """Raised by a watcher to end a forward pass early, once what it watches has been seen."""
+
+
+Watcher = tuple[nn.Module, Callable[[Any], object]]
+
+
+def run_watching(model: nn.Module, ids: torch.Tensor, inputs: Sequence[Watcher] = (),
+                 outputs: Sequence[Watcher] = ()) -> torch.Tensor | None:
+    """The logits of `model(ids)` (no grad), each watcher's callback given, on every call of its module, the
+    tensor the module is called with (`inputs`: the first positional argument, else the first tensor keyword) or
+    what it returns (`outputs`). None when a callback ended the pass early (`_Stop`). The hooks go whatever the
+    foreign code raises."""
+    def entering(see: Callable[[Any], object]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            see(args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        return hook
+
+    def leaving(see: Callable[[Any], object]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            see(output)
+        return hook
+
+    handles = [m.register_forward_pre_hook(entering(see), with_kwargs=True) for m, see in inputs]
+    handles += [m.register_forward_hook(leaving(see), with_kwargs=True) for m, see in outputs]
+    try:
+        with torch.no_grad():
+            return logits_of(model, ids)
+    except _Stop:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def observe_stream(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor,
@@ -103,23 +135,13 @@ def streams_and_logits(model: nn.Module, modules: list[nn.Module], ids: torch.Te
     """`observe_stream`'s streams and the logits of the same forward pass (None when it was stopped)."""
     streams: list[torch.Tensor] = []
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    def record(hidden: torch.Tensor) -> None:
         streams.append(hidden.detach().float())
         if stop_after_first:
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in modules]
-    logits = None
-    try:
-        with torch.no_grad():
-            logits = logits_of(model, ids).float()
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return streams, logits
+    logits = run_watching(model, ids, inputs=[(m, record) for m in modules])
+    return streams, None if logits is None else logits.float()
 
 
 def observe_inputs(model: nn.Module, first_block: nn.Module, vocab: int, progress: bool = False,

@@ -8,13 +8,14 @@ one result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import ImportRefused
-from .source import logits_of, observe_stream
+from .source import logits_of, observe_stream, run_watching
 
 # Last name component -> projection role, for separate q/k/v/o (registration order breaks remaining ties).
 ROLE_NAMES = {
@@ -139,30 +140,19 @@ def block_layout(model: nn.Module, block: nn.Module, width: int, vocab: int) -> 
     parts = block_parts(block, width)
     flows: dict[str, torch.Tensor] = {}
 
-    def tap(key: str, output: bool = False):
-        def hook(module, args, kwargs, *result):
-            tensor = result[0] if output else (args[0] if args else next(
-                v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-            flows.setdefault(key, tensor)  # the object itself: the same tensor passed on is the surest sign
-        return hook
+    def record(key: str) -> Callable[[torch.Tensor], object]:
+        # the object itself: the same tensor passed on is the surest sign
+        return lambda tensor: flows.setdefault(key, tensor)
 
     get = block.get_submodule
-    handles = [block.register_forward_pre_hook(tap("block"), with_kwargs=True),
-               get(parts.qkv[0]).register_forward_pre_hook(tap("qkv"), with_kwargs=True),
-               get(parts.up).register_forward_pre_hook(tap("up"), with_kwargs=True)]
-    for name in parts.norms:
-        handles += [get(name).register_forward_pre_hook(tap(f"{name}:in"), with_kwargs=True),
-                    get(name).register_forward_hook(tap(f"{name}:out", output=True), with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            logits_of(model, torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(4)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    inputs = [(block, record("block")), (get(parts.qkv[0]), record("qkv")), (get(parts.up), record("up")),
+              *((get(name), record(f"{name}:in")) for name in parts.norms)]
+    outputs = [(get(name), record(f"{name}:out")) for name in parts.norms]
+    run_watching(model, torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(4)), inputs, outputs)
 
     def feeding(target: str) -> str:
         found = ([n for n in parts.norms if flows.get(f"{n}:out") is flows.get(target)] or
-                 [n for n in parts.norms if same(flows.get(f"{n}:out"), flows.get(target))])
+                 [n for n in parts.norms if same_value(flows.get(f"{n}:out"), flows.get(target))])
         if not found:
             raise ImportRefused(f"no norm's output enters {'attention' if target == 'qkv' else 'the MLP'} "
                                 f"({parts.qkv[0] if target == 'qkv' else parts.up}): an FMBC block normalises "
@@ -172,11 +162,11 @@ def block_layout(model: nn.Module, block: nn.Module, width: int, vocab: int) -> 
     attn_norm, mlp_norm = feeding("qkv"), feeding("up")
     if attn_norm == mlp_norm:
         return BlockLayout(attn_norm, None, parts.qkv, parts.out, parts.up, parts.down, "parallel_shared_norm")
-    style = "parallel" if same(flows.get(f"{mlp_norm}:in"), flows["block"]) else "sequential"
+    style = "parallel" if same_value(flows.get(f"{mlp_norm}:in"), flows["block"]) else "sequential"
     return BlockLayout(attn_norm, mlp_norm, parts.qkv, parts.out, parts.up, parts.down, style)
 
 
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+def same_value(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Whether two recorded tensors are the same value passed on (the same object, or equal data: a copy)."""
     return a is not None and b is not None and (a is b or (a.shape == b.shape and torch.equal(a, b)))
 
@@ -215,13 +205,8 @@ def top_level_parts(model: nn.Module, stack_name: str, width: int, vocab: int) -
 def runs_last(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
     """Which of `modules` the model's forward calls last (the final norm, whatever order they were declared)."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda *_, name=n: order.append(name)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            logits_of(model, torch.zeros(1, 1, dtype=torch.long))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_watching(model, torch.zeros(1, 1, dtype=torch.long),
+                 outputs=[(module, lambda _, name=name: order.append(name)) for name, module in modules.items()])
     return order[-1] if order else None
 
 
@@ -249,6 +234,13 @@ class Structure:
     def stream_modules(self, model: nn.Module) -> list[nn.Module]:
         """The blocks and the final norm: what each receives is the residual stream at that depth."""
         return [*self.blocks, model.get_submodule(self.final_norm_name)]
+
+    def named_norms(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every norm of the model by its full name: each block's (one or two), then the final norm."""
+        layout = self.layout
+        norms = [(f"{self.stack_name}.{i}.{name}", block.get_submodule(name)) for i, block in enumerate(self.blocks)
+                 for name in (layout.attn_norm, layout.mlp_norm) if name]
+        return norms + [(self.final_norm_name, model.get_submodule(self.final_norm_name))]
 
 
 def discover(model: nn.Module) -> Structure:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 FMBC = str(Path(sys.executable).parent / "fmbc")
 
 
-def fmbc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_fmbc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([FMBC, *args], capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -28,8 +28,8 @@ def parameter_count(inspect_output: str, part: str) -> int:
 def test_paper_has_no_input_parameters_and_exactly_v_times_d_fewer(tmp_path: Path) -> None:
     counts = {}
     for preset in ("paper", "paper-learned"):
-        fmbc("init", "--preset", preset, "--out", str(tmp_path / preset), "--dtype", "bfloat16")
-        out = fmbc("inspect", str(tmp_path / preset)).stdout
+        run_fmbc("init", "--preset", preset, "--out", str(tmp_path / preset), "--dtype", "bfloat16")
+        out = run_fmbc("inspect", str(tmp_path / preset)).stdout
         assert "tensors             ok" in out
         counts[preset] = (parameter_count(out, "input-embedding"), parameter_count(out, "total"))
     assert counts["paper"][0] == 0
@@ -39,25 +39,25 @@ def test_paper_has_no_input_parameters_and_exactly_v_times_d_fewer(tmp_path: Pat
 
 def test_init_inspect_generate_tiny(tmp_path: Path) -> None:
     out_dir = tmp_path / "tiny"
-    fmbc("init", "--preset", "tiny", "--out", str(out_dir), "--seed", "3")
+    run_fmbc("init", "--preset", "tiny", "--out", str(out_dir), "--seed", "3")
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "modeling_fmbc.py",
             "configuration_fmbc.py", "binary_code.py"} <= {p.name for p in out_dir.iterdir()}
-    report = fmbc("inspect", str(out_dir)).stdout
+    report = run_fmbc("inspect", str(out_dir)).stdout
     assert "input_mode          binary" in report and "K = 9 bits" in report
-    first = fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
-    again = fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
+    first = run_fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
+    again = run_fmbc("generate", str(out_dir), "Hello", "--max-new-tokens", "8", "--greedy").stdout
     assert first == again and first.startswith("Hello") and len(first.rstrip("\n")) > len("Hello")
 
 
 def test_inspect_names_missing_extra_and_misshaped_tensors(tmp_path: Path) -> None:
     out_dir = tmp_path / "broken"
-    fmbc("init", "--preset", "tiny", "--out", str(out_dir))
+    run_fmbc("init", "--preset", "tiny", "--out", str(out_dir))
     weights = load_file(out_dir / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:64]
     weights["model.embed_tokens.weight"] = weights["lm_head.weight"].clone()
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    result = fmbc("inspect", str(out_dir), check=False)
+    result = run_fmbc("inspect", str(out_dir), check=False)
     assert result.returncode == 1
     assert "missing tensor model.layers.1.mlp.up_proj.weight (expected shape [512, 128])" in result.stderr
     assert "unexpected tensor model.embed_tokens.weight" in result.stderr
@@ -65,33 +65,33 @@ def test_inspect_names_missing_extra_and_misshaped_tensors(tmp_path: Path) -> No
 
 
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
-    result = fmbc("inspect", str(tmp_path / "nowhere"), check=False)
+    result = run_fmbc("inspect", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
-    result = fmbc("init", "--preset", "huge", "--out", str(tmp_path / "x"), check=False)
+    result = run_fmbc("init", "--preset", "huge", "--out", str(tmp_path / "x"), check=False)
     assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
-    fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
-    result = fmbc("generate", str(tmp_path / "t"), "Hi", "--max-new-tokens", "300", check=False)
+    run_fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
+    result = run_fmbc("generate", str(tmp_path / "t"), "Hi", "--max-new-tokens", "300", check=False)
     assert result.returncode == 2 and "exceeds the context length 256" in result.stderr
 
 
 def test_known_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
     """A refusal or bad input exits 2 with one line; an error fmbc-serve did not expect is a bug and must show
     where it happened (a ValueError inside the importer must not read like the user's mistake)."""
-    from fmbc_serve import importer
     from fmbc_serve.cli import main
+    from fmbc_serve.importer import pipeline
 
-    fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
-    result = fmbc("import", str(tmp_path / "t"), "--out", str(tmp_path / "o"), check=False)
+    run_fmbc("init", "--preset", "tiny", "--out", str(tmp_path / "t"))
+    result = run_fmbc("import", str(tmp_path / "t"), "--out", str(tmp_path / "o"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("fmbc import: error:") and "already an fmbc-serve" in \
         result.stderr
-    result = fmbc("generate", str(tmp_path / "nowhere"), "Hi", check=False)
+    result = run_fmbc("generate", str(tmp_path / "nowhere"), "Hi", check=False)
     assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
 
-    def broken(*args, **kwargs):
+    def raise_internal_error(*args, **kwargs):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr(importer, "load_foreign", broken)
+    monkeypatch.setattr(pipeline, "load_foreign", raise_internal_error)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         main(["import", str(tmp_path / "t"), "--out", str(tmp_path / "o")])
 

@@ -15,14 +15,24 @@ from torch import nn
 
 from fmbc_serve.binary_code import BinaryCode, random_affine
 from fmbc_serve.configuration_fmbc import FMBCConfig
-from fmbc_serve.importer.attention import Attention, config_value, fit_theta, rotary_pct
+from fmbc_serve.importer.attention import config_value, fit_theta, rotary_pct
 from fmbc_serve.importer.code import solve_code
-from fmbc_serve.importer.convert import complete, split_qkv
+from fmbc_serve.importer.convert import Attention, complete, split_qkv
 from fmbc_serve.importer.errors import ImportRefused
 from fmbc_serve.importer.facts import context_length, parse_overrides
-from fmbc_serve.importer.probes import probe_activation, probe_norm, snap_eps
+from fmbc_serve.importer.probes import probe_activation, probe_norm, shared_norm, snap_eps
 from fmbc_serve.importer.report import Recognised, format_report
-from fmbc_serve.importer.structure import assign_roles, block_layout, block_parts, find_blocks, matrix, norm_tensors
+from fmbc_serve.importer.source import observe_stream
+from fmbc_serve.importer.structure import (
+    BlockLayout,
+    Structure,
+    assign_roles,
+    block_layout,
+    block_parts,
+    find_blocks,
+    matrix,
+    norm_tensors,
+)
 from fmbc_serve.modeling_fmbc import apply_rotary, rotary_cos_sin
 
 VOCAB, WIDTH = 300, 50
@@ -165,8 +175,8 @@ def test_interleaved_rotary_becomes_rotate_half_with_the_same_scores() -> None:
     width = heads * head_dim
     wq, wk = torch.randn(width, width), torch.randn(width, width)
     x, positions = torch.randn(5, width), torch.arange(5)
-    conv = Attention(heads, None, "interleaved", rotary_dim, theta)
-    pq, pk, _ = split_qkv([wq, wk, torch.zeros(width, width)], conv, width)
+    attention = Attention(heads, None, "interleaved", rotary_dim, theta)
+    pq, pk, _ = split_qkv([wq, wk, torch.zeros(width, width)], attention, width)
 
     def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.einsum("thd,shd->hts", q, k)
@@ -244,6 +254,25 @@ def test_block_layout_reads_the_norms_and_the_style_from_the_data_flow(style: st
     layout = block_layout(model, model.blocks[0], 16, 16)
     assert layout.block_style == style and layout.attn_norm == "ln1"
     assert layout.mlp_norm == (None if style == "parallel_shared_norm" else "ln2")
+
+
+def test_observing_leaves_no_hook_behind_even_when_stopped_early() -> None:
+    model = Styled("sequential")
+    stream = observe_stream(model, [model.blocks[0]], torch.zeros(1, 3, dtype=torch.long), stop_after_first=True)
+    assert stream[0].shape == (1, 3, 16) and not model.blocks[0]._forward_pre_hooks
+
+
+def test_the_norms_must_agree_throughout() -> None:
+    """FMBC has one norm: a model whose norms differ anywhere (here one block's MLP norm) is refused, naming it."""
+    model = nn.Module()
+    model.h, model.ln_f = nn.ModuleList(Block() for _ in range(2)), nn.LayerNorm(16)
+    layout = BlockLayout("ln1", "ln2", ("attn.wq", "attn.wk", "attn.wv"), "attn.wo", "mlp.fc1", "mlp.fc2",
+                         "sequential")
+    structure = Structure("h", model.h, layout, "ln_f", "head", width=16, vocab=16)
+    assert shared_norm(model, structure) == ("layernorm", 1e-5)
+    model.h[1].ln2.eps = 1e-6
+    with pytest.raises(ImportRefused, match="the model's norms differ: h.1.ln2 is layernorm with eps 1e-06"):
+        shared_norm(model, structure)
 
 
 def test_find_blocks_takes_the_biggest_stack_of_identical_blocks() -> None:
