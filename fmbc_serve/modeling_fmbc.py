@@ -7,17 +7,18 @@ plain, readable PyTorch.
 
 It imports only torch, transformers and its two siblings with relative imports, so the three files copied into
 a checkpoint folder load with `trust_remote_code=True` where fmbc_serve is not installed. The engines import
-the pieces every FMBC model shares from here, so that each exists once: `input_stage`, `decoder_block`,
-`make_norm`, `add_norm` and the RoPE helpers.
+the pieces every FMBC model shares from here, so that each exists once: the input module (`make_input_module`),
+the way into the first layer (`stage_input`, `input_stage`, `layer_input`), `make_norm`, `add_norm` and the RoPE
+helpers. Each engine computes its blocks in its own decoder layer, in its own idiom.
 
 Data flow, the same in the reference and both engines: token ids -> `input_stage` -> (layer 0's normalised
-input, residual stream) -> decoder layers (`decoder_block`), which take and return `(hidden_states, residual)`
-as vLLM's and SGLang's llama do -> final norm -> head.
+input, residual stream) -> decoder layers, which take and return `(hidden_states, residual)` as vLLM's and
+SGLang's llama do -> final norm -> head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +112,20 @@ def embed_input(embed_tokens: nn.Module, input_ids: torch.Tensor, dtype: torch.d
 
 
 def layer_input(layer: nn.Module, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `(hidden_states, residual)` pair with which `decoder_block` runs `layer` on the residual `stream`:
+    """The `(hidden_states, residual)` pair with which a decoder layer runs on the residual `stream`:
     layer 0 takes its normalised input with the stream (what the input stage gives it), a later layer takes a zero
     output to add to the stream (it normalises the sum itself)."""
     if layer.layer_idx == 0:
         return layer.input_layernorm(stream), stream
     return torch.zeros_like(stream), stream
+
+
+def make_input_module(config: FMBCConfig, table: Callable[[int, int], nn.Module] = nn.Embedding) -> nn.Module:
+    """The residual stream's source: the fixed code (no parameters), or in `learned` mode a V×d table built by
+    `table(vocab_size, hidden_size)` (torch's nn.Embedding here, the engine's vocab-parallel one in an engine)."""
+    if config.input_mode == "learned":
+        return table(config.vocab_size, config.hidden_size)
+    return FixedCodeInput(config.binary_code())
 
 
 def input_stage(embed_tokens: nn.Module, first_norm: nn.Module, eps: float, input_ids: torch.Tensor,
@@ -136,24 +145,18 @@ def input_stage(embed_tokens: nn.Module, first_norm: nn.Module, eps: float, inpu
     return first_norm(embeddings), embeddings
 
 
-def decoder_block(layer: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor,
-                  attend: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm block on the `(hidden_states, residual)` pair, as vLLM's and SGLang's llama pass it: the
-    previous block's output and the stream it is added to. The same function runs the reference's and both
-    engines' layers (`layer_idx`, `block_style`, `input_layernorm`, `post_attention_layernorm` unless the norm is
-    shared, `mlp`; `attend` is the layer's attention with the engine's extra arguments bound).
-
-    Layer 0 receives the input stage's pair (its normalised input and the stream), so it skips the
-    add-then-normalise step. A parallel block returns attention + MLP as its output and leaves the stream as it
-    came in: the next block (or the final norm) adds both at once, x + attn(ln1(x)) + mlp(ln2(x))."""
-    if layer.layer_idx > 0:
-        hidden_states, residual = add_norm(layer.input_layernorm, hidden_states, residual)
-    if layer.block_style == "sequential":
-        hidden_states, residual = add_norm(layer.post_attention_layernorm, attend(hidden_states), residual)
-        return layer.mlp(hidden_states), residual
-    mlp_input = hidden_states if layer.block_style == "parallel_shared_norm" else layer.post_attention_layernorm(
-        residual)
-    return attend(hidden_states) + layer.mlp(mlp_input), residual
+def stage_input(embed_tokens: nn.Module, first_layer: nn.Module, eps: float, dtype: torch.dtype,
+                input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None,
+                previous_stage: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(hidden_states, residual)` pair the first layer of a model (or of a pipeline stage) starts from: the
+    pair the previous stage sent (`previous_stage`, vLLM's IntermediateTensors or SGLang's PPProxyTensors), the
+    caller's embeddings (`layer_input`), or the ids through `input_stage`. The reference and both engines call
+    this, so the three ways in are written once."""
+    if previous_stage is not None:
+        return previous_stage["hidden_states"], previous_stage["residual"]
+    if inputs_embeds is not None:
+        return layer_input(first_layer, inputs_embeds)
+    return input_stage(embed_tokens, first_layer.input_layernorm, eps, input_ids, dtype)
 
 
 class FMBCAttention(nn.Module):
@@ -199,7 +202,8 @@ class FMBCMLP(nn.Module):
 
 
 class FMBCDecoderLayer(nn.Module):
-    """Pre-norm block on the `(hidden_states, residual)` pair (`decoder_block`)."""
+    """Pre-norm block on the `(hidden_states, residual)` pair, as vLLM's and SGLang's llama pass it: the previous
+    block's output and the stream it is added to."""
 
     def __init__(self, config: FMBCConfig, layer_idx: int) -> None:
         super().__init__()
@@ -211,9 +215,20 @@ class FMBCDecoderLayer(nn.Module):
             self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config)
 
-    def forward(self, hidden_states, residual, rotary, attention_mask, cache):
-        return decoder_block(self, hidden_states, residual,
-                             lambda x: self.self_attn(x, rotary, attention_mask, cache))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0 receives the input stage's pair (its normalised input and the stream), so it skips the
+        add-then-normalise step. A parallel block returns attention + MLP as its output and leaves the stream as it
+        came in: the next block (or the final norm) adds both at once, x + attn(ln1(x)) + mlp(ln2(x))."""
+        if self.layer_idx > 0:
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
+        attn_output = self.self_attn(hidden_states, rotary, attention_mask, cache)
+        if self.block_style == "sequential":
+            hidden_states, residual = add_norm(self.post_attention_layernorm, attn_output, residual)
+            return self.mlp(hidden_states), residual
+        mlp_input = hidden_states if self.block_style == "parallel_shared_norm" else self.post_attention_layernorm(
+            residual)
+        return attn_output + self.mlp(mlp_input), residual
 
 
 class FMBCPreTrainedModel(PreTrainedModel):
@@ -244,10 +259,7 @@ class FMBCModel(FMBCPreTrainedModel):
 
     def __init__(self, config: FMBCConfig) -> None:
         super().__init__(config)
-        if config.input_mode == "learned":
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        else:
-            self.embed_tokens = FixedCodeInput(config.binary_code())
+        self.embed_tokens = make_input_module(config)
         self.layers = nn.ModuleList(FMBCDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.rotary_emb = FMBCRotaryEmbedding(config)
@@ -265,13 +277,10 @@ class FMBCModel(FMBCPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = one_cache(cache, past_key_values)
-        if inputs_embeds is None:
-            # Out-of-range ids raise instead of aliasing onto a real token or indexing past the table.
+        if input_ids is not None:  # out-of-range ids raise instead of aliasing onto a real token or past the table
             check_token_ids(input_ids, self.config.vocab_size)
-            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
-                                                  self.config.norm_eps, input_ids, self.norm.weight.dtype)
-        else:
-            hidden_states, residual = layer_input(self.layers[0], inputs_embeds)
+        hidden_states, residual = stage_input(self.embed_tokens, self.layers[0], self.config.norm_eps,
+                                              self.norm.weight.dtype, input_ids, inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)

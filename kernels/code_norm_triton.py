@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of one [BLOCK_T, BLOCK_D] tile under the interpreter, which pays ~3.5 ms per program: big tiles.
+# Elements of one [BLOCK_T, BLOCK_D] tile under the interpreter, which pays a fixed cost per program (docs/kernel.md):
+# big tiles.
 INTERPRETER_TILE_ELEMENTS = 16384
 MAX_ROWS_PER_PROGRAM = 64
 # The widest global store (128-bit), and the most warps per program the launcher uses.

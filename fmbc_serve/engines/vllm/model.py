@@ -3,10 +3,9 @@
 Token ids enter through the reference's `input_stage` (fixed code or learned table, fused with layer 0's
 norm where the Triton kernel runs): with a fixed code no V×d table exists, and under tensor parallelism every
 rank computes the full input locally, with no all-reduce (a learned table is vocab-sharded and needs one).
-Layers pass `(hidden_states, residual)` as llama.py does; pipeline parallelism follows llama.py too
-(`make_layers`, `PPMissingLayer`, intermediate tensors); each block is the reference's `decoder_block`. Weights load by
-the shared policy in
-`fmbc_serve.weights`.
+Layers pass `(hidden_states, residual)` as llama.py does, with vLLM's fused residual-add + RMSNorm where the
+checkpoint's norm is an RMSNorm; pipeline parallelism follows llama.py too (`make_layers`, `PPMissingLayer`,
+intermediate tensors). Weights load by the shared policy in `fmbc_serve.weights`.
 
 Registered with vLLM by `fmbc_serve.engines.vllm.plugin` (entry point `vllm.general_plugins`). No
 `from __future__ import annotations` here: `support_torch_compile` reads the forward's real annotations to find
@@ -41,10 +40,20 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.configuration_fmbc import FMBCConfig
-from fmbc_serve.modeling_fmbc import add_norm, decoder_block, embed_input, input_stage, layer_input, make_norm
+from fmbc_serve.engines.mlp import FMBCMLP
+from fmbc_serve.modeling_fmbc import embed_input, make_input_module, make_norm, stage_input
 from fmbc_serve.weights import PipelineStage, load_canonical_weights
+
+
+def add_then_norm(norm: nn.Module, hidden_states: torch.Tensor,
+                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + hidden_states), residual + hidden_states): one fused op with vLLM's RMSNorm
+    (`norm(x, residual)`, as llama.py calls it); vLLM's LayerNorm has no fused form, so there the add comes first."""
+    if isinstance(norm, RMSNorm):
+        return norm(hidden_states, residual)
+    residual = residual + hidden_states
+    return norm(residual), residual
 
 
 class FMBCAttention(nn.Module):
@@ -86,21 +95,6 @@ class FMBCAttention(nn.Module):
         return out
 
 
-class FMBCMLP(nn.Module):
-    def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
-        super().__init__()
-        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias,
-                                            quant_config=quant_config, prefix=f"{prefix}.up_proj")
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
-                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
-        self.act = get_act_fn(config.engine_activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.up_proj(x)
-        x, _ = self.down_proj(self.act(x))
-        return x
-
-
 class FMBCDecoderLayer(nn.Module):
     def __init__(self, config: FMBCConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
                  prefix: str) -> None:
@@ -111,11 +105,22 @@ class FMBCDecoderLayer(nn.Module):
         self.self_attn = FMBCAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
         if config.block_style != "parallel_shared_norm":
             self.post_attention_layernorm = make_norm(config, LayerNorm, RMSNorm)
-        self.mlp = FMBCMLP(config, quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = FMBCMLP(config, ColumnParallelLinear, RowParallelLinear, get_act_fn, quant_config,
+                           prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return decoder_block(self, hidden_states, residual, lambda x: self.self_attn(positions, x))
+        # Layer 0 gets its normalised input from the input stage (fused with the code where the kernel runs).
+        if self.layer_idx > 0:
+            hidden_states, residual = add_then_norm(self.input_layernorm, hidden_states, residual)
+        attn_output = self.self_attn(positions, hidden_states)
+        if self.block_style == "sequential":
+            hidden_states, residual = add_then_norm(self.post_attention_layernorm, attn_output, residual)
+            return self.mlp(hidden_states), residual
+        # Parallel: x + attn(ln1(x)) + mlp(ln2(x)), or one shared norm (GPT-J); the next layer adds both to x.
+        mlp_input = hidden_states if self.block_style == "parallel_shared_norm" else self.post_attention_layernorm(
+            residual)
+        return attn_output + self.mlp(mlp_input), residual
 
 
 @support_torch_compile
@@ -127,13 +132,11 @@ class FMBCModel(nn.Module):
         self.config = config
         self.dtype = vllm_config.model_config.dtype
         pp_group = get_pp_group()
-        if not pp_group.is_first_rank:
-            self.embed_tokens = PPMissingLayer()
-        elif config.input_mode == "learned":
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                       prefix=f"{prefix}.embed_tokens")
+        if pp_group.is_first_rank:
+            self.embed_tokens = make_input_module(
+                config, lambda vocab, width: VocabParallelEmbedding(vocab, width, prefix=f"{prefix}.embed_tokens"))
         else:
-            self.embed_tokens = FixedCodeInput(config.binary_code())
+            self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: FMBCDecoderLayer(config, cache_config, quant_config, prefix=prefix),
@@ -150,18 +153,14 @@ class FMBCModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        if not get_pp_group().is_first_rank:
-            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
-        elif inputs_embeds is not None:
-            hidden_states, residual = layer_input(self.layers[0], inputs_embeds)
-        else:
-            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
-                                                  self.config.norm_eps, input_ids, self.dtype)
+        hidden_states, residual = stage_input(self.embed_tokens, self.layers[self.start_layer], self.config.norm_eps,
+                                              self.dtype, input_ids, inputs_embeds,
+                                              None if get_pp_group().is_first_rank else intermediate_tensors)
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states, residual = layer(positions, hidden_states, residual)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
-        return add_norm(self.norm, hidden_states, residual)[0]
+        return add_then_norm(self.norm, hidden_states, residual)[0]
 
 
 class FMBCForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):

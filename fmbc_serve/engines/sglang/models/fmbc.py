@@ -3,10 +3,13 @@
 In the style of SGLang's gpt_j.py / llama.py: tensor-parallel linears with fused q/k/v, RadixAttention over the
 paged KV cache, ParallelLMHead and LogitsProcessor, layers passing `(hidden_states, residual)`, and pipeline
 parallelism as SGLang's orion.py / llama.py have it (`make_pp_layers`, `PPMissingLayer`, the pair sent between
-stages as `PPProxyTensors`). Token ids enter
-through the reference's `input_stage` (fixed code, no V×d table, or a VocabParallelEmbedding in `learned`
-mode; fused with layer 0's norm where the Triton kernel runs). Ids are validated per request by
-`fmbc_serve.engines.sglang.plugin`, so the hot path does no range check (it would force a device sync every
+stages as `PPProxyTensors`). Token ids enter through the reference's `input_stage` (fixed code, no V×d table, or a
+VocabParallelEmbedding in `learned` mode; fused with layer 0's norm where the Triton kernel runs).
+
+Norms are torch's (the reference's `make_norm`), not SGLang's RMSNorm/LayerNorm: on a CPU with AMX those dispatch
+to `torch.ops.sgl_kernel.*_cpu` (layers/layernorm.py `forward_cpu`), SGLang's CPU kernel library, which its
+PyPI wheels do not carry, so the first request would fail there. Ids are validated per request by
+`fmbc_serve.engines.sglang.validation`, so the hot path does no range check (it would force a device sync every
 step). Weights load by the shared policy in `fmbc_serve.weights`.
 """
 
@@ -31,18 +34,17 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix, make_pp_layers
 from torch import nn
 
-from fmbc_serve.binary_code import FixedCodeInput
 from fmbc_serve.configuration_fmbc import FMBCConfig
+from fmbc_serve.engines.mlp import FMBCMLP
 from fmbc_serve.modeling_fmbc import (  # plain torch norms and RoPE maths, exactly as the reference has them
     add_norm,
     apply_rotary,
-    decoder_block,
     embed_input,
-    input_stage,
-    layer_input,
+    make_input_module,
     make_norm,
     rotary_cos_sin,
     rotary_inv_freq,
+    stage_input,
 )
 from fmbc_serve.weights import PipelineStage, load_canonical_weights
 
@@ -128,27 +130,8 @@ class FMBCAttention(nn.Module):
         return out
 
 
-class FMBCMLP(nn.Module):
-    def __init__(self, config: FMBCConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
-        super().__init__()
-        self.up_proj = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, bias=config.mlp_bias,
-            quant_config=quant_config, prefix=add_prefix("up_proj", prefix),
-        )
-        self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
-            quant_config=quant_config, prefix=add_prefix("down_proj", prefix),
-        )
-        self.act = get_act_fn(config.engine_activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.up_proj(x)
-        x, _ = self.down_proj(self.act(x))
-        return x
-
-
 class FMBCDecoderLayer(nn.Module):
-    """Pre-norm block on the `(hidden_states, residual)` pair: the reference's `decoder_block`."""
+    """Pre-norm block on the `(hidden_states, residual)` pair, as SGLang's llama.py passes it."""
 
     def __init__(
         self, config: FMBCConfig, layer_id: int, quant_config: QuantizationConfig | None = None, prefix: str = ""
@@ -160,12 +143,23 @@ class FMBCDecoderLayer(nn.Module):
         self.self_attn = FMBCAttention(config, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
         if config.block_style != "parallel_shared_norm":
             self.post_attention_layernorm = make_norm(config)
-        self.mlp = FMBCMLP(config, quant_config, prefix=add_prefix("mlp", prefix))
+        self.mlp = FMBCMLP(config, ColumnParallelLinear, RowParallelLinear, get_act_fn, quant_config,
+                           prefix=add_prefix("mlp", prefix))
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, forward_batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return decoder_block(self, hidden_states, residual, lambda x: self.self_attn(positions, x, forward_batch))
+        # Layer 0 gets its normalised input from the input stage (fused with the code where the kernel runs).
+        if self.layer_idx > 0:
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
+        attn_output = self.self_attn(positions, hidden_states, forward_batch)
+        if self.block_style == "sequential":
+            hidden_states, residual = add_norm(self.post_attention_layernorm, attn_output, residual)
+            return self.mlp(hidden_states), residual
+        # Parallel: x + attn(ln1(x)) + mlp(ln2(x)), or one shared norm (GPT-J); the next layer adds both to x.
+        mlp_input = hidden_states if self.block_style == "parallel_shared_norm" else self.post_attention_layernorm(
+            residual)
+        return attn_output + self.mlp(mlp_input), residual
 
 
 class FMBCModel(nn.Module):
@@ -173,14 +167,12 @@ class FMBCModel(nn.Module):
         super().__init__()
         self.config = config
         self.pp_group = get_parallel().pp_group
-        if not self.pp_group.is_first_rank:
-            self.embed_tokens = PPMissingLayer()
-        elif config.input_mode == "learned":
-            self.embed_tokens = VocabParallelEmbedding(
-                config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
-            )
+        if self.pp_group.is_first_rank:
+            self.embed_tokens = make_input_module(
+                config, lambda vocab, width: VocabParallelEmbedding(vocab, width, prefix=add_prefix("embed_tokens",
+                                                                                                    prefix)))
         else:
-            self.embed_tokens = FixedCodeInput(config.binary_code())
+            self.embed_tokens = PPMissingLayer()
         self.dtype = torch.get_default_dtype()  # SGLang builds the model under the serving dtype
         self.layers, self.start_layer, self.end_layer = make_pp_layers(
             config.num_hidden_layers,
@@ -192,13 +184,9 @@ class FMBCModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: torch.Tensor | None = None,
                 pp_proxy_tensors: PPProxyTensors | None = None) -> torch.Tensor | PPProxyTensors:
-        if not self.pp_group.is_first_rank:
-            hidden_states, residual = pp_proxy_tensors["hidden_states"], pp_proxy_tensors["residual"]
-        elif input_embeds is None:
-            hidden_states, residual = input_stage(self.embed_tokens, self.layers[0].input_layernorm,
-                                                  self.config.norm_eps, input_ids, self.dtype)
-        else:
-            hidden_states, residual = layer_input(self.layers[0], input_embeds)
+        hidden_states, residual = stage_input(self.embed_tokens, self.layers[self.start_layer], self.config.norm_eps,
+                                              self.dtype, input_ids, input_embeds,
+                                              None if self.pp_group.is_first_rank else pp_proxy_tensors)
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](positions, hidden_states, residual, forward_batch)
         if not self.pp_group.is_last_rank:
