@@ -13,11 +13,11 @@ what runs even where an older fmbc-serve is installed. Sections, each passed / f
 2. compile: the kernel compiled ahead of time for this GPU's target by `fmbc_kernels.compile_report` (what
    tests/unit/test_kernel_compile.py checks) against the kernel the JIT compiles at launch on the GPU: the same Triton
    hash (the same specialisation, options and target), registers, no spills, 128-bit stores.
-3. bandwidth: at 4k, 16k and 64k tokens (d = 1,024, bf16, V = 65,536, LayerNorm), the kernel's device time
+3. bandwidth: at 4k, 16k and 64k tokens (the paper's d and V, bf16, LayerNorm), the kernel's device time
    (CUDA-graph replays, `triton.testing.do_bench_cudagraph`) and bytes/s as a fraction of a device-to-device copy
    of its output's size; the unfused torch path's time; and, at 16k tokens, the launch tile against its neighbours.
-4. model: the reference FMBCForCausalLM at the paper's shape (V = 65,536, d = 1,024, 32 layers; 2 layers in the
-   dry run) in bf16, fused (counted kernel calls) and unfused (FMBC_DISABLE_TRITON=1), each against the fp32
+4. model: the reference FMBCForCausalLM at the paper's shape (the `paper` preset; 2 layers in the dry run) in
+   bf16, fused (counted kernel calls) and unfused (FMBC_DISABLE_TRITON=1), each against the fp32
    unfused model; then `torch.compile(mode="reduce-overhead")` (Inductor with CUDA graphs) on new ids of the
    same shape, against the same reference. Passes when neither fused nor compiled is further from fp32 than the
    unfused bf16 model, by more than 10% (mean |delta logit|).
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "fmbc-gpu-check/1"
 SECTIONS = ("environment", "kernel_tests", "compile", "bandwidth", "model")
 DRY_RUN_TESTS = "bf16_kernel_against or norm_dtype_and_variant_cross"
-WIDTH, VOCAB_SIZE, EPS = 1024, 65536, 1e-5
+EPS = 1e-5
 TOKEN_COUNTS = (4096, 16384, 65536)
 MODEL_ERROR_MARGIN = 1.10  # fused / compiled mean |delta logit| against fp32, over the unfused bf16 model's
 
@@ -78,6 +78,13 @@ def run_section(name: str, body: Callable[[], dict]) -> dict:
 
 def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
+
+
+def paper_shape() -> tuple[int, int]:
+    """The paper's V and d, from the checkout's presets (so called only once main() has linked the source tree)."""
+    from fmbc_serve.checkpoint import PRESETS
+
+    return PRESETS["paper"]["vocab_size"], PRESETS["paper"]["hidden_size"]
 
 
 def environment(device: torch.device) -> dict:
@@ -122,9 +129,10 @@ def compile_section(device: torch.device, arch: int, env: dict) -> dict:
 
     if arch not in compile_report.ARCHES:
         return skipped(f"sm_{arch} is not among the checked targets {compile_report.ARCHES}")
+    _, width = paper_shape()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "aot.json"
-        command = [sys.executable, "-m", "fmbc_kernels.compile_report", "--arch", str(arch), "--width", str(WIDTH),
+        command = [sys.executable, "-m", "fmbc_kernels.compile_report", "--arch", str(arch), "--width", str(width),
                    "--dtype", "bfloat16", "--json", str(out)]
         aot_env = {key: value for key, value in env.items() if key != "TRITON_INTERPRET"}
         result = subprocess.run(command, cwd=REPO, env=aot_env, capture_output=True, text=True, timeout=600)
@@ -164,15 +172,16 @@ def bandwidth(device: torch.device) -> dict:
 
     from fmbc_serve.binary_code import BinaryCode, FixedCodeInput
 
+    vocab_size, width = paper_shape()
     dtype = torch.bfloat16
-    code = BinaryCode(VOCAB_SIZE, WIDTH)
-    norm = torch.nn.LayerNorm(WIDTH, device=device, dtype=dtype)
+    code = BinaryCode(vocab_size, width)
+    norm = torch.nn.LayerNorm(width, device=device, dtype=dtype)
     code_input = FixedCodeInput(code).to(device)
     rows = []
     for num_tokens in TOKEN_COUNTS:
-        ids = torch.randint(0, VOCAB_SIZE, (num_tokens,), device=device)
-        out_bytes = 2 * num_tokens * WIDTH * dtype.itemsize  # residual + normed
-        moved = out_bytes + ids.numel() * ids.element_size() + WIDTH * (8 + 2 * dtype.itemsize)  # + tables, w, b
+        ids = torch.randint(0, vocab_size, (num_tokens,), device=device)
+        out_bytes = 2 * num_tokens * width * dtype.itemsize  # residual + normed
+        moved = out_bytes + ids.numel() * ids.element_size() + width * (8 + 2 * dtype.itemsize)  # + tables, w, b
         source = torch.empty(out_bytes, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
 
@@ -199,10 +208,10 @@ def bandwidth(device: torch.device) -> dict:
 
     # The launch tile against its neighbours, measured (the compile evidence chose it without a GPU).
     num_tokens, tiles = 16384, []
-    config = launch_config(WIDTH, dtype)
-    ids = torch.randint(0, VOCAB_SIZE, (num_tokens,), device=device)
+    config = launch_config(width, dtype)
+    ids = torch.randint(0, vocab_size, (num_tokens,), device=device)
     tables = code.tables().to(device)
-    residual, normed = (torch.empty(num_tokens, WIDTH, dtype=dtype, device=device) for _ in range(2))
+    residual, normed = (torch.empty(num_tokens, width, dtype=dtype, device=device) for _ in range(2))
     candidates = [(config.block_t, config.num_warps), *compile_report.neighbour_tiles(config.block_t,
                                                                                         config.num_warps)]
     for block_t, num_warps in candidates:
@@ -214,7 +223,7 @@ def bandwidth(device: torch.device) -> dict:
         tiles.append({"block_t": block_t, "num_warps": num_warps, "us": round(microseconds, 2),
                       "launched": tile == config})
     best = min(tile["us"] for tile in tiles)
-    return {"status": "passed", "width": WIDTH, "dtype": "bfloat16", "vocab_size": VOCAB_SIZE, "norm": "layernorm",
+    return {"status": "passed", "width": width, "dtype": "bfloat16", "vocab_size": vocab_size, "norm": "layernorm",
             "triton_do_bench": triton.__version__, "rows": rows, "tile_candidates_16k": tiles,
             "launched_tile_vs_best": round(next(t["us"] for t in tiles if t["launched"]) / best, 3)}
 

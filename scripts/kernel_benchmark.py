@@ -1,36 +1,33 @@
 """Time the fused code + norm kernel against a copy, the unfused torch path and a learned table.
 
-    python scripts/kernel_benchmark.py     # CUDA: d = 1024, bf16, V = 65536, T up to 65,536 tokens
+    python scripts/kernel_benchmark.py     # CUDA: the paper's V and d, bf16, T up to 65,536 tokens
                                            # no CUDA: tiny sizes under the Triton interpreter (proves it runs)
 
 Correctness is tests/unit/test_kernel.py's job (it runs on CUDA when present); a GPU check is both, in order:
 `python -m pytest tests/unit/test_kernel.py && python scripts/kernel_benchmark.py` (see docs/kernel.md). Ids and norm
-parameters come from the test's own helpers. "wall" times include the Python launch; "device" times replay a
-CUDA graph of the call (on CPU they are wall times too). GB/s and the closed-form-vs-reduction speedup use
-device times.
+parameters are the test's own (`fmbc_serve.devtools.kernel_inputs`). "wall" times include the Python launch;
+"device" times replay a CUDA graph of the call (on CPU they are wall times too). GB/s and the
+closed-form-vs-reduction speedup use device times.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path[:0] = [str(TESTS), str(TESTS / "unit")]  # the kernel test's helpers, and the `support` they import
 
 import fmbc_kernels  # noqa: E402
-from test_kernel import DEVICE, EPS, boundary_ids, norm_params  # noqa: E402
 
 from fmbc_serve.binary_code import BinaryCode  # noqa: E402
+from fmbc_serve.checkpoint import PRESETS  # noqa: E402
+from fmbc_serve.devtools.kernel_inputs import DEVICE, EPS, boundary_ids, norm_params  # noqa: E402
 
 INTERPRET = DEVICE.type == "cpu"
 
@@ -73,7 +70,8 @@ def copy_bandwidth_gbs(device: torch.device, num_bytes: int, min_seconds: float)
 
 
 def main() -> None:
-    vocab_size, width, dtype = 65536, (128 if INTERPRET else 1024), torch.bfloat16
+    paper = PRESETS["paper"]
+    vocab_size, width, dtype = paper["vocab_size"], (128 if INTERPRET else paper["hidden_size"]), torch.bfloat16
     token_counts = (1, 64) if INTERPRET else (1, 64, 1024, 16384, 65536)
     min_seconds = 0.02 if INTERPRET else 0.2
     code = BinaryCode(vocab_size, width)

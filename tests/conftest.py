@@ -2,7 +2,8 @@
 
 Layout: unit/ (no engine: code, config, reference model, kernel, importer, CLI), engines/ (the real vLLM and
 SGLang, marked `vllm` / `sglang`, each run in its engine's environment), deploy/ (images and manifests, checked
-without Docker or a cluster). Helpers shared between files live in support/ (importable as `support`).
+without Docker or a cluster). Helpers shared between test files live in support/ (importable as `support`);
+those the scripts use too, in `fmbc_serve.devtools`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     """One float32 `tiny` checkpoint per input mode: {"binary": dir, "affine": dir, "learned": dir}."""
-    from support.checkpoints import INPUT_MODES
-
     from fmbc_serve.checkpoint import init_checkpoint, make_config
+    from fmbc_serve.configuration_fmbc import INPUT_MODES
 
     root = tmp_path_factory.mktemp("tiny")
     return {
@@ -34,10 +34,10 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def house_style_checkpoints(tmp_path_factory) -> dict[str, str]:
+def parallel_block_checkpoints(tmp_path_factory) -> dict[str, str]:
     """One float32 `tiny` checkpoint per parallel block style (GPT-NeoX's, GPT-J's), with non-trivial norms and
     biases: {"parallel": dir, "parallel_shared_norm": dir}."""
-    from support.checkpoints import HOUSE_STYLES, write_house_style
+    from support.checkpoints import PARALLEL_BLOCK_STYLES, write_parallel_block_checkpoint
 
-    root = tmp_path_factory.mktemp("house")
-    return {style: write_house_style(root / style, style) for style in HOUSE_STYLES}
+    root = tmp_path_factory.mktemp("parallel-blocks")
+    return {style: write_parallel_block_checkpoint(root / style, style) for style in PARALLEL_BLOCK_STYLES}

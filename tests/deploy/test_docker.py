@@ -31,7 +31,8 @@ from support.images import (
     pip_install,
     versions,
 )
-from support.servers import free_port
+
+from fmbc_serve.devtools.servers import free_port
 
 PORT = 30000
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "fmbc_serve", "kernels")
@@ -279,7 +280,7 @@ def cpu_equivalent(engine: str, command: list[str], checkpoint: str, port: int) 
     return server
 
 
-def flags(argv: list[str]) -> set[str]:
+def flag_names(argv: list[str]) -> set[str]:
     return {a.split("=")[0] for a in argv if a.startswith("--")}
 
 
@@ -298,4 +299,4 @@ def test_default_command_accepted_by_the_engine(engine: str, tiny_checkpoints: d
                             timeout=HELP_TIMEOUT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     accepted = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", result.stdout))
-    assert flags(argv) <= accepted, f"not in {engine} --help: {flags(argv) - accepted}"
+    assert flag_names(argv) <= accepted, f"not in {engine} --help: {flag_names(argv) - accepted}"

@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 from support.engines import require
-from support.servers import (
-    API_KEY,
-    DEFAULT_MODEL_FLAGS,
-    ENGINE_ENV,
-    NO_FREE_WHITESPACE,
-    Server,
-    free_port,
-    running_server,
-)
+from support.servers import API_KEY, DEFAULT_MODEL_FLAGS, ENGINE_ENV, NO_FREE_WHITESPACE, Server
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.serve import SERVED_NAME
 
 

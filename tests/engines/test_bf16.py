@@ -10,12 +10,10 @@ reference's (fmbc_serve/tolerances.py says why these sizes).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from support.engines import require
+from support.engines import require, run_engine_script
 
 from fmbc_serve.parity import Completion, compare_close
 from fmbc_serve.serve import DEFAULT_MODEL
@@ -24,7 +22,7 @@ from fmbc_serve.tolerances import BF16_LOGPROB, BF16_TIE
 ENGINES = [pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("sglang", marks=pytest.mark.sglang)]
 NEW_TOKENS = 24
 # One bf16 run of each checkpoint per engine process; prints one `RESULT` line of completions per checkpoint.
-SCRIPT = """
+BF16_GREEDY_SCRIPT = """
 import json, sys
 from fmbc_serve.engines import runner
 
@@ -58,11 +56,8 @@ def bf16_runs(request, tmp_path_factory) -> tuple[str, dict[str, tuple[str, list
     tiny = str(init_checkpoint(make_config("tiny"), root / "tiny-bf16", seed=4, dtype=torch.bfloat16))
     jobs = {"tiny stored in bf16": (tiny, [[72, 101, 108, 108, 111], list(range(1, 90)), [300, 0, 511, 7]]),
             "embedded default model": (str(DEFAULT_MODEL), default_model_prompts())}
-    (root / "run.py").write_text(SCRIPT)
-    run = subprocess.run([sys.executable, str(root / "run.py"), engine, str(NEW_TOKENS),
-                          json.dumps(list(jobs.values()))], capture_output=True, text=True, timeout=900, cwd=root)
-    results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and len(results) == len(jobs), run.stderr[-4000:]
+    results = run_engine_script(BF16_GREEDY_SCRIPT, [engine, str(NEW_TOKENS), json.dumps(list(jobs.values()))], root,
+                                count=len(jobs), timeout=900)
     return engine, {name: (path, prompts, [Completion(*c) for c in completions])
                     for (name, (path, prompts)), completions in zip(jobs.items(), results, strict=True)}
 

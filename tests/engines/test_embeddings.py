@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 from support.engines import require
-from support.servers import free_port, running_server
+from support.servers import ENGINE_ENV
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.parity import reference_embeddings
 from fmbc_serve.tolerances import FP32_PARITY
 
@@ -44,7 +45,7 @@ def test_vllm_pooling_runner_embeddings_equal_the_reference(checkpoint, tmp_path
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "float32", "--runner", "pooling", "--convert", "embed"]
-    with running_server(command, port, tmp_path / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base_url:
+    with running_server(command, port, tmp_path / "server.log", env=ENGINE_ENV) as base_url:
         assert_embeddings_match("vLLM", base_url, checkpoint, checkpoint)
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.servers import Server
+from support.servers import ENGINE_ENV, Server
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ENGLISH = re.compile(r"\b(the|and|of|unto|shall|his|he|they|that|them)\b")
@@ -21,14 +21,14 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run(command: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
+def run_example(command: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=EXAMPLES,
                             env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
 
 
-def key(server: Server) -> dict[str, str]:
+def api_key_env(server: Server) -> dict[str, str]:
     """The environment an example reads the server's API key from."""
     return {"OPENAI_API_KEY": server.api_key}
 
@@ -38,7 +38,7 @@ MODEL_CARD_REQUEST = {"model": "fmbc", "prompt": "Once upon a time,", "max_token
 
 
 @pytest.fixture(scope="module")
-def fmbc_serve(default_model_server) -> Server:
+def vllm_server(default_model_server) -> Server:
     """`fmbc serve` on the embedded default model, through vLLM on this CPU, with an API key (shared with the
     operations tests: tests/engines/conftest.py); the examples read the key from OPENAI_API_KEY, as the OpenAI
     SDKs and lm-eval do."""
@@ -55,8 +55,8 @@ def assert_model_card_request_answered(server: Server) -> None:
 
 
 @pytest.mark.vllm
-def test_fmbc_serve_answers_the_model_card_request(fmbc_serve: Server) -> None:
-    assert_model_card_request_answered(fmbc_serve)
+def test_fmbc_serve_answers_the_model_card_request(vllm_server: Server) -> None:
+    assert_model_card_request_answered(vllm_server)
 
 
 @pytest.mark.sglang
@@ -65,48 +65,52 @@ def test_fmbc_serve_sglang_answers_the_model_card_request(default_model_server) 
 
 
 @pytest.mark.vllm
-def test_fmbc_serve_answers_the_seed_curl_with_english(fmbc_serve: Server) -> None:
-    log = fmbc_serve.log
+def test_fmbc_serve_answers_the_seed_curl_with_english(vllm_server: Server) -> None:
+    log = vllm_server.log
     deadline = time.monotonic() + 60  # fmbc serve polls /health itself, so its message may trail ours
     while "is ready after" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(1)
     assert "is ready after" in log.read_text() and "curl http://127.0.0.1" in log.read_text()
-    reply = json.loads(run(["bash", "curl.sh"], env={"BASE_URL": fmbc_serve.url, **key(fmbc_serve)}))
+    reply = json.loads(run_example(["bash", "curl.sh"], env={"BASE_URL": vllm_server.url,
+                                                            **api_key_env(vllm_server)}))
     text = reply["choices"][0]["text"]
     assert reply["model"] == "fmbc" and len(ENGLISH.findall(text)) >= 3, text
 
 
 @pytest.mark.vllm
-def test_openai_sdk_example(fmbc_serve: Server) -> None:
-    out = run([sys.executable, "openai_sdk.py", "--base-url", fmbc_serve.url + "/v1"], env=key(fmbc_serve))
+def test_openai_sdk_example(vllm_server: Server) -> None:
+    out = run_example([sys.executable, "openai_sdk.py", "--base-url", vllm_server.url + "/v1"],
+                      env=api_key_env(vllm_server))
     completion = re.search(r"^completion: (.*)$", out, re.M).group(1)
     assert ENGLISH.search(completion) and "stream:" in out and out.count("logprobs:") == 5
 
 
 @pytest.mark.vllm
-def test_score_prompt_example_prefers_the_real_verse(fmbc_serve: Server) -> None:
-    out = run([sys.executable, "score_prompt.py", "--base-url", fmbc_serve.url + "/v1"], env=key(fmbc_serve))
+def test_score_prompt_example_prefers_the_real_verse(vllm_server: Server) -> None:
+    out = run_example([sys.executable, "score_prompt.py", "--base-url", vllm_server.url + "/v1"],
+                      env=api_key_env(vllm_server))
     real, shuffled = (float(line.split()[0]) for line in out.strip().splitlines())
     assert real > shuffled
 
 
 @pytest.mark.vllm
-def test_lm_eval_example(fmbc_serve: Server) -> None:
+def test_lm_eval_example(vllm_server: Server) -> None:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    out = run(["bash", "lm_eval_local.sh"], env={"BASE_URL": fmbc_serve.url, "PATH": path, **key(fmbc_serve)})
+    out = run_example(["bash", "lm_eval_local.sh"], env={"BASE_URL": vllm_server.url, "PATH": path,
+                                                         **api_key_env(vllm_server)})
     accuracy = float(re.search(r"\|kjv_cloze\|.*?\|acc\s*\|[^|]*\|\s*([\d.]+)\|", out).group(1))
     assert accuracy >= 0.5, out[-1500:]  # 6 three-way items: chance is 1/3
 
 
 @pytest.mark.vllm
 def test_vllm_offline_example() -> None:
-    out = run([sys.executable, "vllm_offline.py"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    out = run_example([sys.executable, "vllm_offline.py"], env=ENGINE_ENV)
     lines = [line for line in out.splitlines() if " -> " in line]
     assert len(lines) == 3 and all(ENGLISH.search(line.split(" -> ")[1]) for line in lines), out
 
 
 @pytest.mark.sglang
 def test_sglang_offline_example() -> None:
-    out = run([sys.executable, "sglang_offline.py"])
+    out = run_example([sys.executable, "sglang_offline.py"])
     lines = [line for line in out.splitlines() if " -> " in line]
     assert len(lines) == 3 and all(ENGLISH.search(line.split(" -> ")[1]) for line in lines), out

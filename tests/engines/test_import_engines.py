@@ -1,4 +1,4 @@
-"""Foreign checkpoints in the parallel house styles, served by each engine's OpenAI server: the greedy text and
+"""Foreign checkpoints in the parallel block styles, served by each engine's OpenAI server: the greedy text and
 its logprobs over HTTP equal the foreign original's, run with its own code.
 
 vLLM serves a Pythia-style checkpoint (parallel residual, its context under a key of its own, bfloat16 weights in a
@@ -16,9 +16,9 @@ import pytest
 import requests
 import torch
 from support.engines import require
-from support.foreign import write_foreign
-from support.servers import free_port, running_server
 
+from fmbc_serve.devtools.foreign import write_foreign
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.engines import runner
 from fmbc_serve.importer.source import logits_of
 from fmbc_serve.tolerances import FP32_PARITY

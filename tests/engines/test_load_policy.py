@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from support.bad_checkpoints import ACCEPTED, REFUSED, write_variant
-from support.engines import require
-from support.servers import free_port
+from support.engines import require, run_engine_script
 
+from fmbc_serve.devtools.servers import free_port
 from fmbc_serve.parity import Completion, compare, reference_greedy
 from fmbc_serve.tolerances import FP32_PARITY
 
@@ -92,13 +92,9 @@ def outcomes(request, tiny_checkpoints, tmp_path_factory) -> tuple[str, dict[str
     cases = {**{case: change for case, (change, _) in REFUSED.items()}, **ACCEPTED}
     paths = [write_variant(tiny_checkpoints["binary"], root / f"case{i}", change)
              for i, change in enumerate(cases.values())]
-    script = root / "load.py"
-    script.write_text(LOADERS[engine])
-    first = json.dumps([PROMPTS, NEW_TOKENS]) if engine == "vllm" else str(free_port())
-    run = subprocess.run([sys.executable, str(script), first, *paths], capture_output=True, text=True,
-                         timeout=1200, cwd=root)
-    results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and len(results) == len(paths), run.stderr[-4000:]
+    # vLLM's loader takes the prompts; SGLang's, the port its one-process distributed group listens on.
+    loader_arg = json.dumps([PROMPTS, NEW_TOKENS]) if engine == "vllm" else str(free_port())
+    results = run_engine_script(LOADERS[engine], [loader_arg, *paths], root, count=len(paths), timeout=1200)
     return engine, dict(zip(cases, results, strict=True)), dict(zip(cases, paths, strict=True))
 
 

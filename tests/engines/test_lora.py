@@ -10,8 +10,9 @@ import sys
 import pytest
 from support.checkpoints import LORA_TARGETS, make_lora_adapter
 from support.engines import require
-from support.servers import free_port, running_server
+from support.servers import ENGINE_ENV
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.parity import Completion, compare, reference_greedy
 from fmbc_serve.tolerances import FP32_PARITY
 
@@ -74,8 +75,7 @@ def vllm_lora_server(base_checkpoint, tmp_path_factory):
                "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enable-lora",
                "--max-lora-rank", "8", "--max-loras", "2",
                "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    with running_server(command, port, root / "server.log", env=env) as base_url:
+    with running_server(command, port, root / "server.log", env=ENGINE_ENV) as base_url:
         yield base_url, adapters
 
 

@@ -18,8 +18,9 @@ import uuid
 import pytest
 import requests
 from support.engines import require
-from support.servers import API_KEY, CHUNK, ENGINE_ENV, NO_FREE_WHITESPACE, Server, free_port, running_server
+from support.servers import API_KEY, ENGINE_ENV, NO_FREE_WHITESPACE, PREFILL_CHUNK, Server
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.parity import reference_greedy
 from fmbc_serve.serve import DEFAULT_MODEL
 from fmbc_serve.tolerances import FP32_PARITY
@@ -53,7 +54,7 @@ def engine(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def ops(engine: str, default_model_server) -> Server:
+def default_server(engine: str, default_model_server) -> Server:
     """`fmbc serve --engine ENGINE --api-key KEY` on the default model, as users start it (shared with the
     examples: tests/engines/conftest.py)."""
     return default_model_server(engine)
@@ -92,14 +93,15 @@ def assert_matches_schema(text: str) -> dict:
     return value
 
 
-def test_json_schema_default_model(ops: Server, engine: str) -> None:
+def test_json_schema_default_model(default_server: Server, engine: str) -> None:
     """The OpenAI SDK's response_format with a JSON schema, on the embedded default model (BPE tokenizer)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=ops.url + "/v1", api_key=API_KEY)
+    client = OpenAI(base_url=default_server.url + "/v1", api_key=API_KEY)
     reply = client.chat.completions.create(
-        model=ops.model, messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}], max_tokens=120,
-        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}})
+        model=default_server.model, messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
+        max_tokens=120, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}})
     value = assert_matches_schema(reply.choices[0].message.content)
     print(f"\n{engine} JSON schema, default model: {value}")
 
@@ -151,77 +153,82 @@ def scrape(server: Server) -> dict[str, float]:
     return series
 
 
-def total(series: dict[str, float], name: str) -> float:
+def series_total(series: dict[str, float], name: str) -> float:
     return sum(v for k, v in series.items() if k == name or k.startswith(name + "{"))
 
 
-def test_prefix_cache_and_chunked_prefill_match_the_reference(ops: Server, engine: str) -> None:
+def test_prefix_cache_and_chunked_prefill_match_the_reference(default_server: Server, engine: str) -> None:
     """A prompt of ~5 chunks: its cold run (chunked prefill) and its repeat (served from the prefix cache, as
     the engine's own counters show) both give the reference's greedy tokens and logprobs."""
     prompt = default_model_prompt(40)
-    assert len(prompt) > 4 * CHUNK
+    assert len(prompt) > 4 * PREFILL_CHUNK
     (expected,) = reference_greedy(str(DEFAULT_MODEL), [prompt], 8)
-    before = scrape(ops)
-    cold_tokens, cold, cold_cached = generate(ops, engine, prompt, 8)
-    warm_tokens, warm, hits = generate(ops, engine, prompt, 8)
-    after = scrape(ops)
+    before = scrape(default_server)
+    cold_tokens, cold, cold_cached = generate(default_server, engine, prompt, 8)
+    warm_tokens, warm, hits = generate(default_server, engine, prompt, 8)
+    after = scrape(default_server)
     if engine == "vllm":
-        hits = total(after, "vllm:prefix_cache_hits_total") - total(before, "vllm:prefix_cache_hits_total")
+        hits = (series_total(after, "vllm:prefix_cache_hits_total")
+                - series_total(before, "vllm:prefix_cache_hits_total"))
     assert cold_cached == 0
     assert hits >= len(prompt) // 2, f"prefix cache hit only {hits} of {len(prompt)} tokens"
     assert cold_tokens == warm_tokens == expected.tokens
     cache_delta = max(abs(a - b) for a, b in zip(cold, warm, strict=True))
     reference_delta = max(abs(a - b) for a, b in zip(cold + warm, expected.token_logprobs * 2, strict=True))
-    print(f"\n{engine}: prompt {len(prompt)} tokens in chunks of {CHUNK}; prefix cache hit {hits:.0f} tokens; "
+    print(f"\n{engine}: prompt {len(prompt)} tokens in chunks of {PREFILL_CHUNK}; prefix cache hit {hits:.0f} tokens; "
           f"max |Δlogprob| cached vs cold {cache_delta:.2e}, vs reference {reference_delta:.2e}")
     assert cache_delta <= FP32_PARITY and reference_delta <= FP32_PARITY
 
 
-def test_metrics_are_scraped(ops: Server, engine: str) -> None:
+def test_metrics_are_scraped(default_server: Server, engine: str) -> None:
     """The series of docs/operations.md, after one request (SGLang creates its request series on the first)."""
-    assert ops.post("/v1/completions", {"model": ops.model, "prompt": "And God said,", "max_tokens": 4}).ok
-    series = scrape(ops)
+    body = {"model": default_server.model, "prompt": "And God said,", "max_tokens": 4}
+    assert default_server.post("/v1/completions", body).ok
+    series = scrape(default_server)
     names = {re.sub(r"\{.*", "", key) for key in series}
     print(f"\n{engine} /metrics: {len(names)} series names, e.g. {sorted(names)[:8]}")
     missing = [name for name in METRICS[engine] if name not in names]
     assert not missing, f"not in {engine}'s /metrics: {missing}"
 
 
-def test_api_key(ops: Server) -> None:
-    body = {"model": ops.model, "prompt": "And God said,", "max_tokens": 4}
-    assert ops.post("/v1/completions", body, headers={}).status_code == 401
-    assert ops.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert ops.post("/v1/completions", body).status_code == 200
-    assert requests.get(ops.url + "/health", timeout=10).status_code == 200  # probes need no key
+def test_api_key(default_server: Server) -> None:
+    body = {"model": default_server.model, "prompt": "And God said,", "max_tokens": 4}
+    assert default_server.post("/v1/completions", body, headers={}).status_code == 401
+    assert default_server.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert default_server.post("/v1/completions", body).status_code == 200
+    assert requests.get(default_server.url + "/health", timeout=10).status_code == 200  # probes need no key
 
 
-def test_fmbc_serve_listens_on_localhost(ops: Server) -> None:
-    started = next(line for line in ops.log.read_text().splitlines() if line.startswith("fmbc serve: starting"))
+def test_fmbc_serve_listens_on_localhost(default_server: Server) -> None:
+    started = next(line for line in default_server.log.read_text().splitlines()
+                   if line.startswith("fmbc serve: starting"))
     assert "--host 127.0.0.1" in started and API_KEY not in started
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_unknown_model_is_404_naming_the_served_model(ops: Server, path: str, stream: bool) -> None:
+def test_unknown_model_is_404_naming_the_served_model(default_server: Server, path: str, stream: bool) -> None:
     """Both engines answer vLLM's 404 body; on SGLang it also names the served model."""
     payload = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
-    reply = ops.post(path, {"model": "no-such-model", "max_tokens": 2, "stream": stream, **payload})
+    reply = default_server.post(path, {"model": "no-such-model", "max_tokens": 2, "stream": stream, **payload})
     assert reply.status_code == 404, reply.text
     error = reply.json()["error"]
     assert error["type"] == "NotFoundError" and error["code"] == 404 and error["param"] == "model"
     assert error["message"].startswith("The model `no-such-model` does not exist.")
-    assert ops.post(path, {"max_tokens": 2, **payload}).status_code == 200  # no name: the served model
-    assert ops.post(path, {"model": ops.model, "max_tokens": 2, **payload}).status_code == 200
+    assert default_server.post(path, {"max_tokens": 2, **payload}).status_code == 200  # no name: the served model
+    assert default_server.post(path, {"model": default_server.model, "max_tokens": 2, **payload}).status_code == 200
 
 
-def test_rejections_are_logged_once_with_the_reason(ops: Server, engine: str) -> None:
+def test_rejections_are_logged_once_with_the_reason(default_server: Server, engine: str) -> None:
     """A rejected request leaves one log line with its reason: our hooks' WARNING on SGLang, vLLM's own
     access-log line (status only) on vLLM, where the rejections are vLLM's own validation."""
     bad_id = 4096 + int(uuid.uuid4().int % 100000)
-    reply = ops.post("/v1/completions", {"model": ops.model, "prompt": [1, bad_id], "max_tokens": 2})
+    model = default_server.model
+    reply = default_server.post("/v1/completions", {"model": model, "prompt": [1, bad_id], "max_tokens": 2})
     assert reply.status_code == 400 and "out of vocabulary" in reply.text
-    assert ops.post("/v1/completions", {"model": ops.model, "prompt": [1, 2], "max_tokens": 2}).status_code == 200
-    log = ops.log.read_text()
+    good = default_server.post("/v1/completions", {"model": model, "prompt": [1, 2], "max_tokens": 2})
+    assert good.status_code == 200
+    log = default_server.log.read_text()
     if engine == "sglang":
         lines = [line for line in log.splitlines() if "fmbc-serve rejected request" in line and str(bad_id) in line]
         assert len(lines) == 1, lines

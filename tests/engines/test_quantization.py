@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.engines import require
-from support.servers import free_port, running_server
+from support.servers import ENGINE_ENV
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.parity import Completion, compare_close
 from fmbc_serve.tolerances import W8A8_BF16_LOGPROB
 
@@ -33,7 +34,7 @@ def checkpoints(tmp_path_factory) -> tuple[str, str]:
 
     root = tmp_path_factory.mktemp("quant")
     full = init_checkpoint(make_config("tiny"), root / "fp32", seed=0)
-    # The first build takes ~1 minute from a warm pip cache; its progress goes to the test's stderr.
+    # The first build takes a while (docs/quantization.md says how long); its progress goes to the test's stderr.
     venv = subprocess.run(["bash", str(ROOT / "scripts" / "venv.sh"), "quant"], stdout=subprocess.PIPE, text=True,
                           timeout=1800, check=True).stdout.split()[-1]
     subprocess.run([str(Path(venv) / "bin" / "fmbc"), "quantize", str(full), "--out", str(root / "w8a8"),
@@ -72,7 +73,7 @@ def test_w8a8_served_by_vllm_is_close_to_full_precision(checkpoints, tmp_path) -
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", quantized, "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "bfloat16"]
     log = tmp_path / "server.log"
-    with running_server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as base_url:
+    with running_server(command, port, log, env=ENGINE_ENV) as base_url:
         served = []
         for prompt in PROMPTS:
             body = {"model": quantized, "prompt": prompt, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,

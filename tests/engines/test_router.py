@@ -13,10 +13,8 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,20 +23,19 @@ from pathlib import Path
 import pytest
 import requests
 from support.engines import require
-from support.servers import free_port, settled_successes, successes_by_engine
+from support.load import LOAD_CLIENTS, BadRequest, LoadResult, drive_load, post
+from support.servers import settled_successes, successes_by_engine
+
+from fmbc_serve.devtools.servers import free_port
 
 pytestmark = pytest.mark.vllm
 
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "router.sh"
-LOAD_CLIENTS = 16
-BAD_CLIENTS = 4  # each cycles through BAD_REQUESTS, a request every BAD_PAUSE seconds
-BAD_PAUSE = 0.05
 LOAD_SECONDS = 30
-MAX_TOKENS = 24
 GOOD = {"model": "fmbc", "prompt": "In the beginning", "max_tokens": 8}
-# kind, path, body (JSON, or raw bytes), the status the client must get: from the replica (vLLM's checks), or
-# from the router itself (a body it cannot parse). None of them may count against a replica.
-BAD_REQUESTS = [
+# The status each client must get: from the replica (vLLM's checks), or from the router itself (a body it cannot
+# parse). None of them may count against a replica.
+BAD_REQUESTS: list[BadRequest] = [
     ("wrong model name", "/v1/completions", {**GOOD, "model": "no-such-model"}, 404),
     ("wrong model name, streamed", "/v1/completions", {**GOOD, "model": "no-such-model", "stream": True}, 404),
     ("wrong model name, chat", "/v1/chat/completions",
@@ -111,13 +108,6 @@ def recipe(tiny_checkpoints: dict[str, str], tmp_path_factory) -> Recipe:
             for group in recipe.groups():
                 if not gone(group):
                     os.killpg(group, signal.SIGKILL)
-
-
-def post(url: str, path: str, body: dict | bytes, **kwargs) -> requests.Response:
-    if isinstance(body, bytes):
-        return requests.post(url + path, data=body, headers={"Content-Type": "application/json"}, timeout=120,
-                             **kwargs)
-    return requests.post(url + path, json=body, timeout=120, **kwargs)
 
 
 def router_counter(recipe: Recipe, name: str, **labels: str) -> float:
@@ -217,112 +207,11 @@ def test_a_burst_of_client_errors_leaves_every_replica_serving(recipe: Recipe, k
     assert healthy_workers(recipe.url) == sorted(recipe.replicas)
 
 
-class LoadResult:
-    """What the clients saw: one record per request, good or bad."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-        self.lock = threading.Lock()
-
-    def add(self, **record) -> None:
-        with self.lock:
-            self.records.append(record)
-
-    def summary(self, since: float = 0.0, until: float = float("inf"), bad: bool = False) -> dict:
-        chosen = [r for r in self.records if since <= r["start"] < until and r["bad"] == bad]
-        ok = [r for r in chosen if r["ok"]]
-        if bad:  # ok: the client got the status its mistake calls for
-            return {"sent": len(chosen), "answered as expected": len(ok), "otherwise": len(chosen) - len(ok),
-                    "statuses": sorted({r["status"] for r in chosen}, key=str)}
-        latencies = sorted(r["end"] - r["start"] for r in ok)
-        span = max((r["end"] for r in chosen), default=0) - min((r["start"] for r in chosen), default=0)
-        return {"sent": len(chosen), "ok": len(ok), "failed": len(chosen) - len(ok),
-                "cut_by_client": sum(r["cut"] for r in ok),
-                "requests_per_s": round(len(ok) / span, 2) if span else 0.0,
-                "tokens_per_s": round(sum(r["tokens"] for r in ok) / span, 1) if span else 0.0,
-                "p50_s": round(statistics.median(latencies), 3) if latencies else None,
-                "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)
-                if latencies else None}
-
-
-def client_loop(base_url: str, index: int, deadline: float, result: LoadResult) -> None:
-    """One client until the deadline: alternately plain and streaming completions; every third stream is cut
-    by the client after its first chunks. Each request is recorded as ok or failed, with its error."""
-    session = requests.Session()
-    count = 0
-    while time.monotonic() < deadline:
-        count += 1
-        stream = count % 2 == 0
-        cut = stream and count % 3 == 0
-        body = {"model": "fmbc", "prompt": f"client {index} request {count}: In the beginning",
-                "max_tokens": MAX_TOKENS, "temperature": 0.8, "ignore_eos": True, "stream": stream}
-        start, tokens, error = time.monotonic(), 0, None
-        try:
-            with session.post(base_url + "/v1/completions", json=body, stream=stream, timeout=120) as reply:
-                if reply.status_code != 200:
-                    error = f"HTTP {reply.status_code}: {reply.text[:200]}"
-                elif not stream:
-                    tokens = reply.json()["usage"]["completion_tokens"]
-                else:
-                    finished = False
-                    for line in reply.iter_lines():
-                        if line.startswith(b"data: ") and line != b"data: [DONE]":
-                            chunk = json.loads(line[6:])
-                            if "error" in chunk:
-                                error = f"stream error: {chunk['error']}"
-                                break
-                            tokens += 1
-                            if cut and tokens >= 3:
-                                break  # the client goes away mid-stream
-                        elif line == b"data: [DONE]":
-                            finished = True
-                    if error is None and not cut and not finished:
-                        error = f"stream ended without [DONE] after {tokens} chunks"
-        except requests.RequestException as exc:
-            error = f"{type(exc).__name__}: {str(exc)[:200]}"
-        result.add(start=start, end=time.monotonic(), ok=error is None, error=error, cut=cut, tokens=tokens,
-                   bad=False)
-
-
-def bad_client_loop(base_url: str, index: int, deadline: float, result: LoadResult) -> None:
-    """A misconfigured client until the deadline: every kind of bad request in turn, one every BAD_PAUSE s."""
-    count = index
-    while time.monotonic() < deadline:
-        kind, path, body, expected = BAD_REQUESTS[count % len(BAD_REQUESTS)]
-        count += 1
-        start = time.monotonic()
-        try:
-            status = post(base_url, path, body).status_code
-        except requests.RequestException as exc:
-            status = type(exc).__name__
-        result.add(start=start, end=time.monotonic(), ok=status == expected, status=status, kind=kind, bad=True)
-        time.sleep(BAD_PAUSE)
-
-
-def drive_load(base_url: str, seconds: float, during=None) -> LoadResult:
-    """LOAD_CLIENTS good clients and BAD_CLIENTS bad ones for `seconds`; `during(result)` runs alongside
-    (e.g. kills a replica)."""
-    result = LoadResult()
-    deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=client_loop, args=(base_url, i, deadline, result))
-               for i in range(LOAD_CLIENTS)]
-    threads += [threading.Thread(target=bad_client_loop, args=(base_url, i, deadline, result))
-                for i in range(BAD_CLIENTS)]
-    for thread in threads:
-        thread.start()
-    if during is not None:
-        during(result)
-    for thread in threads:
-        thread.join(timeout=seconds + 180)
-    assert not any(thread.is_alive() for thread in threads), "a client hung: a request was lost"
-    return result
-
-
 def test_load_with_bad_requests_of_every_kind(recipe: Recipe) -> None:
     """Good and bad clients together: no good request fails, every bad one gets its 4xx, and none counts as a
     replica failure."""
     failures = router_counter(recipe, "vllm_router_cb_outcomes_total", outcome="failure")
-    load = drive_load(recipe.url, LOAD_SECONDS / 2)
+    load = drive_load(recipe.url, GOOD["model"], BAD_REQUESTS, LOAD_SECONDS / 2)
     good, bad = load.summary(), load.summary(bad=True)
     print("\nload with bad requests: " + json.dumps({"good": good, "bad": bad}, indent=1))
     assert good["failed"] == 0 and good["ok"] > 0
@@ -350,7 +239,7 @@ def test_replica_kill_under_load_with_a_misnamed_client(recipe: Recipe) -> None:
         kill["out_at"] = time.monotonic()
         kill["taken_out"] = urls[1] not in healthy_workers(recipe.url)
 
-    killed = drive_load(recipe.url, LOAD_SECONDS, during=kill_second_replica)
+    killed = drive_load(recipe.url, GOOD["model"], BAD_REQUESTS, LOAD_SECONDS, during=kill_second_replica)
     failures = [r for r in killed.records if not r["bad"] and not r["ok"]]
     survivor_gain = settled_successes(urls[0]) - before
 
@@ -360,7 +249,7 @@ def test_replica_kill_under_load_with_a_misnamed_client(recipe: Recipe) -> None:
             and time.monotonic() < deadline:
         time.sleep(1)
     rejoined = time.monotonic()
-    back = drive_load(recipe.url, 10)
+    back = drive_load(recipe.url, GOOD["model"], BAD_REQUESTS, 10)
     back_on_replica = successes_by_engine(urls[1]).get("0", 0.0)
 
     window_start, window_end = kill["at"] - 10, kill["out_at"] + 2

@@ -5,24 +5,23 @@ tests/engines/test_router.py. Run with `pytest -s` to see the figures."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from support.checkpoints import INPUT_MODES
-from support.engines import require
-from support.servers import free_port, running_server, successes_by_engine
+from support.engines import require, run_engine_script
+from support.servers import ENGINE_ENV, successes_by_engine
 
+from fmbc_serve.configuration_fmbc import INPUT_MODES
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.tolerances import FP32_PARITY
 
 pytestmark = pytest.mark.vllm
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 0, 301, 5, 5, 9]]
-TWO_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+TWO_CORES = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 PARALLEL_PARITY_SCRIPT = """
 import json, sys
@@ -34,30 +33,25 @@ if __name__ == "__main__":
     for path in sys.argv[3:]:
         engine = greedy(path, prompts, 12, distributed_executor_backend="mp", **engine_args)
         rows = [compare(r, e, len(p)) for r, e, p in zip(reference_greedy(path, prompts, 12), engine, prompts)]
-        print("ROWS " + json.dumps([[row.agree, row.max_delta] for row in rows]), flush=True)
+        print("RESULT " + json.dumps([[row.agree, row.max_delta] for row in rows]), flush=True)
 """
 
 
 def parallel_parity(checkpoints: list[str], engine_args: dict, tmp_path: Path) -> list[list[list]]:
     """Greedy parity of each checkpoint against the reference with the given parallel layout (two workers,
     one core each): per checkpoint, per prompt [tokens equal, max |Δlogprob|]."""
-    script = tmp_path / "parallel_parity.py"
-    script.write_text(PARALLEL_PARITY_SCRIPT)
-    env = {**os.environ, **TWO_CORES, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    result = subprocess.run([sys.executable, str(script), json.dumps(engine_args), json.dumps(PROMPTS),
-                             *checkpoints], capture_output=True, text=True, timeout=1200, env=env)
-    rows = [json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("ROWS ")]
-    assert result.returncode == 0 and len(rows) == len(checkpoints), result.stderr[-4000:]
-    return rows
+    return run_engine_script(PARALLEL_PARITY_SCRIPT, [json.dumps(engine_args), json.dumps(PROMPTS), *checkpoints],
+                             tmp_path, count=len(checkpoints), env={**TWO_CORES, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+                             timeout=1200)
 
 
-def test_tensor_parallel_2_parity(tiny_checkpoints: dict[str, str], house_style_checkpoints: dict[str, str],
+def test_tensor_parallel_2_parity(tiny_checkpoints: dict[str, str], parallel_block_checkpoints: dict[str, str],
                                   tmp_path: Path) -> None:
     """TP = 2: the fixed code is computed on every rank; the learned table is vocab-sharded; a GPT-J-style block
     (shared norm, head bias: each rank holds its share of the head and its bias) too."""
     require("vllm")
     rows = parallel_parity([tiny_checkpoints["binary"], tiny_checkpoints["learned"],
-                            house_style_checkpoints["parallel_shared_norm"]], {"tensor_parallel_size": 2}, tmp_path)
+                            parallel_block_checkpoints["parallel_shared_norm"]], {"tensor_parallel_size": 2}, tmp_path)
     print(f"\nvLLM TP=2 parity (binary, learned, parallel_shared_norm): {rows}")
     assert all(agree and delta <= FP32_PARITY for per_prompt in rows for agree, delta in per_prompt)
 

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import requests
-from support.engines import assert_parity_command_passes, require
-from support.servers import free_port, running_server
+from support.engines import assert_parity_command_passes, require, run_engine_script
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.engines.sglang.runner import completion_from_meta, cpu_server_flags
 from fmbc_serve.parity import Completion, compare, reference_greedy
 from fmbc_serve.tolerances import FP32_PARITY
@@ -32,6 +32,16 @@ CPU_FLAGS = cpu_server_flags(4096)
 MODEL_PACKAGE = "fmbc_serve.engines.sglang.models"
 # Only SGLANG_EXTERNAL_MODEL_PACKAGE registers the model here: the entry point is filtered out by name.
 ENV_VAR_REGISTRATION = {"SGLANG_EXTERNAL_MODEL_PACKAGE": MODEL_PACKAGE, "SGLANG_PLUGINS": "none"}
+# The runner's greedy (the offline Engine) on each checkpoint: one `RESULT` line of completions per checkpoint.
+GREEDY_SCRIPT = """
+import dataclasses, json, sys
+from fmbc_serve.engines.sglang.runner import greedy
+
+if __name__ == "__main__":
+    prompts, new_tokens = json.loads(sys.argv[1])
+    for path in sys.argv[2:]:
+        print("RESULT " + json.dumps([dataclasses.astuple(c) for c in greedy(path, prompts, new_tokens)]), flush=True)
+"""
 
 
 def assert_parity(mode: str, checkpoint_dir: str, results: list[Completion]) -> None:
@@ -62,26 +72,17 @@ def test_registry_scan_strict(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "['FMBCForCausalLM'] True"
 
 
-def test_parity_env_var_registration(tiny_checkpoints, house_style_checkpoints, tmp_path):
+def test_parity_env_var_registration(tiny_checkpoints, parallel_block_checkpoints, tmp_path):
     """Affine and learned checkpoints, and the GPT-NeoX and GPT-J block styles (biases, a head bias), through the
     runner's greedy (the offline Engine), registered only by SGLANG_EXTERNAL_MODEL_PACKAGE."""
     require("sglang")
-    script = ("import dataclasses, json, sys\n"
-              "from fmbc_serve.engines.sglang.runner import greedy\n"
-              "if __name__ == '__main__':\n"
-              "    dirs, prompts, n = json.loads(sys.argv[1])\n"
-              "    results = [[dataclasses.astuple(c) for c in greedy(d, prompts, n)] for d in dirs]\n"
-              "    print('RESULT', json.dumps(results))\n")
-    (tmp_path / "run.py").write_text(script)
-    checkpoints = {**tiny_checkpoints, **house_style_checkpoints}
+    checkpoints = {**tiny_checkpoints, **parallel_block_checkpoints}
     modes = ["affine", "learned", "parallel", "parallel_shared_norm"]
-    arg = json.dumps([[checkpoints[m] for m in modes], PROMPTS, MAX_NEW_TOKENS])
-    result = subprocess.run([sys.executable, "run.py", arg], capture_output=True, text=True, timeout=400,
-                            env={**os.environ, **ENV_VAR_REGISTRATION}, cwd=tmp_path)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stderr[-5000:]
-    for mode, results in zip(modes, json.loads(lines[-1][len("RESULT "):]), strict=True):
-        assert_parity(mode, checkpoints[mode], [Completion(*r) for r in results])
+    arguments = [json.dumps([PROMPTS, MAX_NEW_TOKENS]), *(checkpoints[mode] for mode in modes)]
+    results = run_engine_script(GREEDY_SCRIPT, arguments, tmp_path, count=len(modes), env=ENV_VAR_REGISTRATION,
+                                timeout=400)
+    for mode, completions in zip(modes, results, strict=True):
+        assert_parity(mode, checkpoints[mode], [Completion(*c) for c in completions])
 
 
 def test_fmbc_parity_command(tiny_checkpoints):

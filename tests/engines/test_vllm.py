@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.servers import free_port, running_server
+from support.servers import ENGINE_ENV
 
+from fmbc_serve.devtools.servers import free_port, running_server
 from fmbc_serve.tolerances import FP32_PARITY
 
 pytestmark = pytest.mark.vllm
 
 # V = 500 is not a power of two: K = 9 bits can represent ids 500..511, which name no token.
 SERVER_VOCAB = 500
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def test_entry_point_registers_idempotently(vllm) -> None:
 
 
 @pytest.mark.parametrize("mode", ["binary", "affine", "learned", "parallel", "parallel_shared_norm"])
-def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str], house_style_checkpoints: dict[str, str],
-                                      mode: str) -> None:
+def test_greedy_parity_with_reference(vllm, tiny_checkpoints: dict[str, str],
+                                      parallel_block_checkpoints: dict[str, str], mode: str) -> None:
     """Every input mode, and the GPT-NeoX and GPT-J block styles (with biases and a head bias)."""
     from fmbc_serve.parity import run_parity
 
     prompts = [[72, 101, 108, 108, 111], list(range(1, 120)), [7], [300, 301, 302, 5, 5, 5, 9, 100]]
-    rows = run_parity({**tiny_checkpoints, **house_style_checkpoints}[mode], "vllm", prompts, max_new_tokens=24)
+    rows = run_parity({**tiny_checkpoints, **parallel_block_checkpoints}[mode], "vllm", prompts, max_new_tokens=24)
     worst = max(row.max_delta for row in rows)
     print(f"\nvLLM parity {mode}: greedy equal {[row.agree for row in rows]}, max |Δlogprob| {worst:.3e}")
     assert all(row.agree for row in rows)
@@ -89,7 +89,7 @@ def server(vllm, tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "float32"]
-    with running_server(command, port, root / "server.log", env=SERVER_ENV) as base_url:
+    with running_server(command, port, root / "server.log", env=ENGINE_ENV) as base_url:
         yield base_url, model_dir
 
 

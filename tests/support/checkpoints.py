@@ -1,4 +1,4 @@
-"""Seeded code options and PEFT adapters that the suites build their checkpoints with."""
+"""What the suites build their checkpoints with: seeded code options, PEFT adapters, the parallel block styles."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-INPUT_MODES = ("binary", "affine", "learned")
 # PEFT target modules: every projection for vLLM; SGLang's LoRA reads `up_proj` as half of a gated MLP.
 LORA_TARGETS = {"vllm": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                 "sglang": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}
@@ -35,23 +34,24 @@ def make_lora_adapter(checkpoint: str, out_dir: str | Path, seed: int, targets: 
     return str(out_dir)
 
 
-# The GPT-NeoX / Pythia and GPT-J house styles as FMBC checkpoints: name -> config fields over the `tiny` preset.
-HOUSE_STYLES = {
+# The GPT-NeoX / Pythia and GPT-J parallel blocks as FMBC checkpoints: block style -> config fields over the
+# `tiny` preset.
+PARALLEL_BLOCK_STYLES = {
     "parallel": {"block_style": "parallel", "attention_bias": True, "mlp_bias": True, "rotary_pct": 0.5},
     "parallel_shared_norm": {"block_style": "parallel_shared_norm", "mlp_bias": True, "lm_head_bias": True,
                              "rotary_pct": 0.25, "hidden_act": "gelu_tanh"},
 }
 
 
-def write_house_style(out: Path, style: str, seed: int = 0) -> str:
-    """A tiny checkpoint of a house style whose norms and biases are far from their initial 1 and 0 (so that a
-    bias or norm an engine dropped shows in its logits)."""
+def write_parallel_block_checkpoint(out: Path, style: str, seed: int = 0) -> str:
+    """A tiny checkpoint of a parallel block style whose norms and biases are far from their initial 1 and 0 (so
+    that a bias or norm an engine dropped shows in its logits)."""
     from fmbc_serve.checkpoint import make_config, save_checkpoint
     from fmbc_serve.modeling_fmbc import FMBCForCausalLM
     from fmbc_serve.tokenizer import build_char_tokenizer
 
     torch.manual_seed(seed)
-    config = make_config("tiny", **HOUSE_STYLES[style])
+    config = make_config("tiny", **PARALLEL_BLOCK_STYLES[style])
     model = FMBCForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():

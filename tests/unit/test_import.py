@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.foreign import write_foreign
 
 from fmbc_serve.cli import main
+from fmbc_serve.devtools.foreign import write_foreign
 from fmbc_serve.importer import REPORT_FILE, ImportRefused
 from fmbc_serve.importer.source import logits_of
 from fmbc_serve.tolerances import FP32_MODULE_MATCH, FP32_PARITY

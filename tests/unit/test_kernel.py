@@ -1,9 +1,9 @@
 """The fused code + norm kernel against its pure-torch reference: on the GPU when CUDA is present, under the
 Triton interpreter on CPU otherwise (conftest.py sets TRITON_INTERPRET=1 before triton is imported when there
-is no CUDA). The interpreter pays ~3.5 ms per program, so the grid is sampled: every (K, d, layout)
+is no CUDA). The interpreter is slow per program (docs/kernel.md), so the grid is sampled: every (K, d, layout)
 combination the code allows, with the other options cycled across them, and a full cross of norm x dtype x
 statistics variant on one code. On CUDA, CUDA-graph capture is checked too. scripts/kernel_benchmark.py times
-the kernel with the helpers defined here.
+the kernel on the same inputs (`fmbc_serve.devtools.kernel_inputs`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from fmbc_kernels import (  # noqa: E402
 from support.checkpoints import scrambled_lift_map  # noqa: E402
 
 from fmbc_serve.binary_code import BinaryCode, FixedCodeInput, random_affine  # noqa: E402
+from fmbc_serve.devtools.kernel_inputs import DEVICE, EPS, boundary_ids, norm_params  # noqa: E402
 from fmbc_serve.modeling_fmbc import embed_input  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-EPS = 1e-5
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # rtol = atol: ~2 ulp
 NUM_BITS = (1, 9, 16, 24)
@@ -53,21 +52,6 @@ def make_code(num_bits: int, width: int, layout: str, affine: bool = False, voca
 def interleave_truncates(num_bits: int, width: int) -> bool:
     """Whether repeating each of K bits ceil(d/K) times pushes the last bit past d (BinaryCode rejects it)."""
     return (num_bits - 1) * -(-width // num_bits) >= width
-
-
-def boundary_ids(code: BinaryCode, num_tokens: int, seed: int) -> torch.Tensor:
-    """0 and V-1 (= 2^K-1 when V = 2^K) first, random ids after."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, code.vocab_size, (num_tokens,), generator=generator)
-    ids[: min(2, num_tokens)] = torch.tensor([0, code.vocab_size - 1])[: min(2, num_tokens)]
-    return ids.to(DEVICE)
-
-
-def norm_params(width: int, dtype: torch.dtype, layer_norm: bool, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    weight = (1 + 0.5 * torch.randn(width, generator=generator)).to(dtype)
-    bias = (0.5 * torch.randn(width, generator=generator)).to(DEVICE, dtype) if layer_norm else None
-    return weight.to(DEVICE), bias
 
 
 def assert_matches_reference(ids, code, weight, bias, dtype, closed_form: bool) -> None:
@@ -307,21 +291,20 @@ def test_benchmark_script_runs() -> None:
     assert "speedup vs learned" in result.stdout
 
 
-if DEVICE.type == "cuda":  # collected only where it can run
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA-graph capture needs a CUDA device")
+def test_cuda_graph_capture_replays_with_new_ids() -> None:
+    code = make_code(16, 256, "interleave", values="sign", scale=0.5)
+    weight, bias = norm_params(256, torch.bfloat16, layer_norm=True, seed=11)
+    static_ids = boundary_ids(code, 64, seed=11)
 
-    def test_cuda_graph_capture_replays_with_new_ids() -> None:
-        code = make_code(16, 256, "interleave", values="sign", scale=0.5)
-        weight, bias = norm_params(256, torch.bfloat16, layer_norm=True, seed=11)
-        static_ids = boundary_ids(code, 64, seed=11)
+    def embed_and_norm() -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_code_norm(static_ids, code, weight, bias, EPS, torch.bfloat16, check_ids=False)
 
-        def embed_and_norm() -> tuple[torch.Tensor, torch.Tensor]:
-            return fused_code_norm(static_ids, code, weight, bias, EPS, torch.bfloat16, check_ids=False)
-
-        embed_and_norm()  # builds the cached tables outside capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = embed_and_norm()
-        static_ids.copy_(boundary_ids(code, 64, seed=12))
-        graph.replay()
-        for got, expected in zip(captured, embed_and_norm(), strict=True):
-            assert torch.equal(got, expected)
+    embed_and_norm()  # builds the cached tables outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = embed_and_norm()
+    static_ids.copy_(boundary_ids(code, 64, seed=12))
+    graph.replay()
+    for got, expected in zip(captured, embed_and_norm(), strict=True):
+        assert torch.equal(got, expected)

@@ -7,8 +7,7 @@ each kernel checked here is the one a launch on that GPU would compile. For the 
 compiles, nothing spills, the global stores are as wide as the row allows, and registers stay within budget.
 
 One subprocess compiles everything, without TRITON_INTERPRET (conftest.py sets it on machines without CUDA, and
-the interpreter replaces @triton.jit functions with Python ones). 51 s on two cores with an empty Triton
-cache, 9 s once the cache (~/.triton/cache) holds the kernels.
+the interpreter replaces @triton.jit functions with Python ones); docs/kernel.md says how long it takes.
 """
 
 from __future__ import annotations

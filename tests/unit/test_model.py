@@ -34,8 +34,8 @@ def greedy_without_cache(model: FMBCForCausalLM, ids: list[int], steps: int) -> 
 
 @pytest.mark.parametrize("mode", ["binary", "affine", "learned", "parallel", "parallel_shared_norm"])
 def test_kv_cache_generation_equals_full_reforward(tiny_checkpoints: dict[str, str],
-                                                  house_style_checkpoints: dict[str, str], mode: str) -> None:
-    model = load({**tiny_checkpoints, **house_style_checkpoints}[mode])
+                                                  parallel_block_checkpoints: dict[str, str], mode: str) -> None:
+    model = load({**tiny_checkpoints, **parallel_block_checkpoints}[mode])
     for ids in PROMPTS:
         with torch.no_grad():
             cached = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
@@ -145,14 +145,14 @@ def test_parity_reference_keeps_prompt_tokens_equal_to_the_pad_id(tiny_checkpoin
 
 
 @pytest.mark.parametrize("style", ["sequential", "parallel", "parallel_shared_norm"])
-def test_each_block_style_computes_its_formula(house_style_checkpoints: dict[str, str], style: str) -> None:
+def test_each_block_style_computes_its_formula(parallel_block_checkpoints: dict[str, str], style: str) -> None:
     """The reference's blocks, written out: x + attn(ln1(x)) then + mlp(ln2(.)) (sequential), x + attn(ln1(x)) +
     mlp(ln2(x)) (GPT-NeoX's parallel residual), x + attn(ln(x)) + mlp(ln(x)) (GPT-J's one shared norm); then the
     final norm and the head with its bias."""
     if style == "sequential":
         model = FMBCForCausalLM(make_config("tiny", lm_head_bias=True)).eval()
     else:
-        model = load(house_style_checkpoints[style])
+        model = load(parallel_block_checkpoints[style])
     ids = torch.tensor([[5, 300, 7, 7, 511, 2]])
     rotary = model.model.rotary_emb(torch.arange(ids.shape[1]).unsqueeze(0))
     mask = causal_mask(ids.shape[1], 0, None, ids.device)

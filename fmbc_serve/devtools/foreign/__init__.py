@@ -1,10 +1,10 @@
-"""Foreign FMBC-family checkpoints for the importer tests, written at test time.
+"""Foreign FMBC-family checkpoints, written at run time, for `fmbc import`'s tests and its benchmark.
 
-Each style in tests/support/foreign/ is someone else's code: its own configuration and modeling files, its own
-names and conventions. `write_foreign` copies them into a folder with random weights (seeded) and a character
-tokenizer, as a published checkpoint would be laid out, its weights stored as people publish them (safetensors,
-sharded safetensors with an index, or a `pytorch_model.bin`; float32, bfloat16 or float16); only
-`trust_remote_code=True` loads it.
+Each style folder here is someone else's code: its own configuration and modeling files, its own names and
+conventions. `write_foreign` copies them into a folder with random weights (seeded) and a character tokenizer, as
+a published checkpoint would be laid out, its weights stored as people publish them (safetensors, sharded
+safetensors with an index, or a `pytorch_model.bin`; float32, bfloat16 or float16); only `trust_remote_code=True`
+loads it.
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = Tr
 
 def write_sentencepiece_tokenizer(out: Path, vocab_size: int) -> None:
     """A Llama-style tokenizer of exactly `vocab_size` pieces that ships as a sentencepiece `tokenizer.model` only
-    (no tokenizer.json), trained here on the project's own docs (BPE on one thread: deterministic)."""
+    (no tokenizer.json), trained here on the styles' own source files, which travel with this module wherever it
+    is installed (BPE on one thread: deterministic)."""
     import sentencepiece
 
-    text = "\n".join(path.read_text() for path in sorted((FOREIGN.parents[2] / "docs").glob("*.md")))
+    text = "\n".join(path.read_text() for path in sorted(FOREIGN.glob("*/*.py")))
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
         model_type="bpe", character_coverage=1.0, num_threads=1, byte_fallback=False,
