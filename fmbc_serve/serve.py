@@ -19,16 +19,20 @@ on the engine's own API-key check, and Prometheus `/metrics` is on for both engi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from .engines import ENGINES, runner
@@ -97,11 +101,17 @@ def content_key(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def fmbc_checkpoint(src: str, trust_remote_code: bool) -> Path:
+def checkpoint_to_serve(src: str, trust_remote_code: bool) -> Path:
     """The folder to serve for SRC: SRC itself if it is an fmbc-serve checkpoint, else its import, made once into
     the cache (keyed by SRC's content; a hub id is first fetched to the Hugging Face cache, which keeps its
-    revision) and reused while SRC is unchanged."""
-    from .importer import REPORT_FILE, format_report, import_checkpoint
+    revision) and reused while SRC is unchanged.
+
+    Replicas share a cache (one folder, several processes or hosts): one import of a source runs at a time (a lock
+    beside it; the others wait, then reuse it), and where a shared file system does not honour that lock the
+    import that finishes second finds the first in place and reuses it. Staging folders left by an import that
+    was killed midway are removed before the next one starts; they are never served."""
+    from .importer import REPORT_FILE, ImportRefused, format_report, import_checkpoint
+    from .importer.pipeline import staging_prefix
 
     folder = Path(src)
     if not folder.is_dir():
@@ -117,18 +127,48 @@ def fmbc_checkpoint(src: str, trust_remote_code: bool) -> Path:
     if json.loads((folder / "config.json").read_text()).get("model_type") == "fmbc":
         return folder
     imported = import_cache() / f"{folder.resolve().name}-{content_key(folder)}"
+    reuse = f"fmbc serve: {src} was imported before, unchanged since: reusing {imported}"
     if (imported / REPORT_FILE).is_file():
-        print(f"fmbc serve: {src} was imported before, unchanged since: reusing {imported}", flush=True)
+        print(reuse, flush=True)
         return imported
-    print(f"fmbc serve: {src} is not in fmbc-serve's format: importing it into {imported} (once)", flush=True)
-    print(format_report(import_checkpoint(str(folder), imported, trust_remote_code=trust_remote_code)), flush=True)
+    imported.parent.mkdir(parents=True, exist_ok=True)
+    with import_lock(imported, src):
+        if (imported / REPORT_FILE).is_file():
+            print(reuse, flush=True)
+            return imported
+        for leftover in imported.parent.glob(staging_prefix(imported) + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        print(f"fmbc serve: {src} is not in fmbc-serve's format: importing it into {imported} (once)", flush=True)
+        try:
+            print(format_report(import_checkpoint(str(folder), imported, trust_remote_code=trust_remote_code)),
+                  flush=True)
+        except ImportRefused:
+            if not (imported / REPORT_FILE).is_file():
+                raise
+            print(f"fmbc serve: another process imported {src} meanwhile: reusing {imported}", flush=True)
     return imported
+
+
+@contextlib.contextmanager
+def import_lock(imported: Path, src: str) -> Iterator[None]:
+    """Hold the lock on one cache entry's import (a file beside it, opened read-only so that a replica running as
+    another user can take it too), saying so when another process holds it."""
+    fd = os.open(imported.parent / f"{imported.name}.lock", os.O_RDONLY | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"fmbc serve: another process is importing {src} into {imported}: waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def engine_command(args: argparse.Namespace, cuda: bool) -> tuple[str, list[str], dict[str, str]]:
     """(engine, the engine server's command, its extra environment) for parsed `fmbc serve` arguments."""
     engine = pick_engine(args.engine)
-    model = fmbc_checkpoint(args.model, args.trust_remote_code)
+    model = checkpoint_to_serve(args.model, args.trust_remote_code)
     command, env = runner(engine).server_command(str(model), args.host, args.port, args.served_model_name, cuda)
     if args.api_key:
         command += ["--api-key", args.api_key]

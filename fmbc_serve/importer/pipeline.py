@@ -25,6 +25,16 @@ from .report import REPORT_FILE, Recognised, provenance
 from .source import copy_tokenizer_code, load_foreign, observe_inputs, observe_stream, stored_dtype
 from .structure import Structure, discover, matrix
 
+# The imported folder's mode: readable by every user, as a folder made with mkdir under the usual umask is (mkdtemp's
+# 0700 would hide a shared cache's import from a replica running as another user).
+IMPORT_MODE = 0o755
+
+
+def staging_prefix(out: Path) -> str:
+    """An import is written into a hidden sibling of `out` named with this prefix (plus random characters) and
+    renamed into place at the end, so that nobody ever reads half an import."""
+    return f".{out.name}."
+
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -110,7 +120,7 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
     ours = model_from_tensors(conversion.config, conversion.tensors if lossless else
                               {name: tensor.float() for name, tensor in stored.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     try:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHAT_TEMPLATE
@@ -122,9 +132,12 @@ def import_checkpoint(src: str, out_dir: str | Path, trust_remote_code: bool = F
         recognised.proof["written_dtype"] = str(dtype).removeprefix("torch.")
         (staging / REPORT_FILE).write_text(json.dumps(asdict(recognised), indent=2) + "\n")
         (staging / "README.md").write_text(provenance(recognised))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        staging.chmod(IMPORT_MODE)
+        try:
+            staging.rename(out)  # atomic; replaces an empty folder, never a written one
+        except OSError as err:
+            raise ImportRefused(f"{out} was written by another import meanwhile ({err.strerror}); "
+                                "nothing of this one was kept") from err
     finally:
         if staging.exists():
             shutil.rmtree(staging)
