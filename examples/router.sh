@@ -51,7 +51,7 @@ start_replica() {  # replica index, vLLM flags; in its own session, so that a si
   local i=$1
   shift
   VLLM_CPU_OMP_THREADS_BIND=${cores[i]} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
-    setsid "$python" -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name fmbc \
+    setsid "$python" -m fmbc_serve.engines.vllm.cli serve "$model" --served-model-name fmbc \
     --host 127.0.0.1 --port "${ports[i]}" --dtype float32 "$@" >>"$log_dir/replica-$i.log" 2>&1 &
   pids[i]=$!
   echo "${pids[i]}" >"$log_dir/replica-$i.pid"

@@ -169,12 +169,12 @@ def engine_command(args: argparse.Namespace, cuda: bool) -> tuple[str, list[str]
     """(engine, the engine server's command, its extra environment) for parsed `fmbc serve` arguments."""
     engine = pick_engine(args.engine)
     model = checkpoint_to_serve(args.model, args.trust_remote_code)
-    command, env = runner(engine).server_command(str(model), args.host, args.port, args.served_model_name, cuda)
-    if args.api_key:
-        command += ["--api-key", args.api_key]
+    ours = ["--api-key", args.api_key] if args.api_key else []
     if args.trust_remote_code:
-        command.append("--trust-remote-code")
-    return engine, command + args.engine_args, env
+        ours.append("--trust-remote-code")
+    command, env = runner(engine).server_command(str(model), args.host, args.port, args.served_model_name, cuda,
+                                                 engine_args=ours + args.engine_args)
+    return engine, command, env
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -186,6 +186,10 @@ def serve(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(command, env={**os.environ, **env})
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    if "--headless" in args.engine_args:
+        print(f"fmbc serve: {engine} runs headless (this host computes for the head's server and answers no HTTP); "
+              "it exits with the engine", flush=True)
+        return proc.wait()
     local = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     start = time.monotonic()
     while proc.poll() is None:

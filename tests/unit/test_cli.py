@@ -119,3 +119,35 @@ def test_serve_defaults_are_safe_and_engine_flags_pass_through(tmp_path: Path, m
     from fmbc_serve.cli import build_parser
 
     assert build_parser().parse_known_args(["serve"])[0].api_key == "from-env"
+
+
+def test_serve_starts_vllm_serve_with_every_flag_passed_through(tmp_path: Path, monkeypatch) -> None:
+    """`fmbc serve` runs vLLM's own `vllm serve` CLI (through the launcher that makes the CPU build's CLI start),
+    with our flags and the user's after the model, so that any `vllm serve` flag works through it."""
+    from fmbc_serve.checkpoint import init_checkpoint, make_config
+    from fmbc_serve.serve import engine_command
+
+    model = init_checkpoint(make_config("tiny"), tmp_path / "m", seed=0)
+    monkeypatch.setattr("fmbc_serve.serve.pick_engine", lambda choice: choice)  # no engine in the core's Python
+    args = serve_args(["serve", str(model), "--engine", "vllm", "--api-key", "k", "--nnodes", "2",
+                       "--node-rank", "1", "--headless"])
+    engine, command, env = engine_command(args, cuda=False)
+    assert engine == "vllm"
+    assert command[1:5] == ["-m", "fmbc_serve.engines.vllm.cli", "serve", str(model)]
+    assert command[-7:] == ["--api-key", "k", "--nnodes", "2", "--node-rank", "1", "--headless"]
+    assert "VLLM_CPU_KVCACHE_SPACE" in env and "GLOO_SOCKET_IFNAME" not in env  # no head address: one host
+
+
+@pytest.mark.parametrize("engine_args", [["--master-addr", "127.0.0.1"], ["--master_addr=127.0.0.1"],
+                                         ["--data-parallel-address", "127.0.0.1"]])
+def test_multi_host_network_settings_are_derived_from_the_route_to_the_head(engine_args, monkeypatch) -> None:
+    """Across hosts gloo must announce the address the other host can reach, not 127.0.0.1 from the hostname:
+    the interface and address this host reaches the head by (here the loopback, the only one a test may use)."""
+    from fmbc_serve.engines.vllm.runner import multi_host_env
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("VLLM_HOST_IP", raising=False)
+    assert multi_host_env(engine_args) == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's own setting is kept
+    assert multi_host_env(engine_args) == {"VLLM_HOST_IP": "127.0.0.1"}
+    assert multi_host_env(["--nnodes", "1"]) == {}

@@ -7,6 +7,7 @@ its scheduler processes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from fmbc_serve.parity import Completion
@@ -74,10 +75,10 @@ def completion_from_meta(meta: dict) -> Completion:
                       [logprob for logprob, _, _ in meta["input_token_logprobs"][1:]])
 
 
-def server_command(model: str, host: str, port: int, served_name: str, cuda: bool,
-                   python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
-    """SGLang's own server command (with the CPU flags where there is no CUDA) and its extra environment.
-    Prometheus `/metrics` is on, as it is by default in vLLM."""
+def server_command(model: str, host: str, port: int, served_name: str, cuda: bool, python: str = sys.executable,
+                   engine_args: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """SGLang's own server command (with the CPU flags where there is no CUDA) followed by ENGINE_ARGS, and its
+    extra environment. Prometheus `/metrics` is on, as it is by default in vLLM."""
     command = [python, "-m", "sglang.launch_server", "--model-path", model,
                "--served-model-name", served_name, "--host", host, "--port", str(port), "--enable-metrics"]
-    return command + ([] if cuda else cpu_server_flags()), {}
+    return command + ([] if cuda else cpu_server_flags()) + list(engine_args), {}

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
+from collections.abc import Sequence
 
 from fmbc_serve.parity import Completion
 
@@ -45,10 +47,41 @@ def greedy(checkpoint: str, prompts: list[list[int]], max_new_tokens: int, **eng
         cleanup_dist_env_and_memory()
 
 
-def server_command(model: str, host: str, port: int, served_name: str, cuda: bool,
-                   python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
-    """vLLM's own OpenAI server command and the environment it needs here."""
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", served_name, "--host", host, "--port", str(port)]
+def server_command(model: str, host: str, port: int, served_name: str, cuda: bool, python: str = sys.executable,
+                   engine_args: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """`vllm serve MODEL ...` (through `fmbc_serve.engines.vllm.cli`, which runs vLLM's own CLI on the CPU build
+    too) followed by ENGINE_ARGS, and the environment it needs here: the CPU build's KV-cache size and, across
+    hosts, the network settings of `multi_host_env`."""
+    command = [python, "-m", "fmbc_serve.engines.vllm.cli", "serve", model,
+               "--served-model-name", served_name, "--host", host, "--port", str(port), *engine_args]
     env = {} if cuda else {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)}
-    return command, env
+    return command, env | multi_host_env(engine_args)
+
+
+def flag_value(engine_args: Sequence[str], flag: str) -> str | None:
+    """The value of a `--flag V` / `--flag=V` in ENGINE_ARGS (vLLM also spells flags with underscores)."""
+    spellings = {flag, flag.replace("-", "_").replace("__", "--", 1)}
+    for i, arg in enumerate(engine_args):
+        name, equals, value = arg.partition("=")
+        if name in spellings:
+            return value if equals else (engine_args[i + 1] if i + 1 < len(engine_args) else None)
+    return None
+
+
+def multi_host_env(engine_args: Sequence[str]) -> dict[str, str]:
+    """Where the engine spans hosts (`--master-addr`, or `--data-parallel-address`), the address and interface
+    this host reaches the head by, as VLLM_HOST_IP and GLOO_SOCKET_IFNAME (vLLM's CPU collectives run on gloo).
+    Unset, gloo announces the address its hostname resolves to, often 127.0.0.1, and the other host's connect is
+    refused. Either variable set in the environment is kept."""
+    head = flag_value(engine_args, "--master-addr") or flag_value(engine_args, "--data-parallel-address")
+    if head is None or ({"VLLM_HOST_IP", "GLOO_SOCKET_IFNAME"} <= os.environ.keys()):
+        return {}
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((head, 9))  # a UDP connect sends nothing: it only picks the route
+        local = probe.getsockname()[0]
+    interface = next(name for name, addresses in psutil.net_if_addrs().items()
+                     if any(address.address == local for address in addresses))
+    derived = {"VLLM_HOST_IP": local, "GLOO_SOCKET_IFNAME": interface}
+    return {name: value for name, value in derived.items() if name not in os.environ}
