@@ -1,0 +1,108 @@
+"""FMBC across two hosts with vLLM's own multi-node executor (`--nnodes 2`, the second host `--headless`), started
+as users start it (`fmbc serve`, which runs `vllm serve`), each host a network namespace with its own address
+(tests/support/hosts.py), the client on a third. Each host reaches the checkpoint at a path of its own. Needs
+root, as CI runs. Run with `pytest -s` to see the figures."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.engines import require
+from support.hosts import PREFIX, Host, namespaces, network_hosts, stop
+from support.servers import ENGINE_ENV
+
+from fmbc_serve.parity import Completion, compare, reference_greedy
+from fmbc_serve.tolerances import FP32_PARITY
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")]
+
+PROMPTS = [[72, 101, 108, 108, 111], list(range(1, 60)), [300, 0, 301, 5, 5, 9]]
+NEW_TOKENS = 12
+PORT, MASTER_PORT = 30000, 29555
+FMBC = str(Path(sys.executable).parent / "fmbc")
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[dict[str, Host]]:
+    require("vllm")
+    with network_hosts(["head", "worker", "client"]) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def served_across_two_hosts(hosts: dict[str, Host], checkpoint: str, parallel: list[str], folder: Path
+                            ) -> Iterator[tuple[str, float]]:
+    """`fmbc serve` on the head host (the OpenAI server) and `--headless` on the worker, one core each, each with
+    its own copy of CHECKPOINT: (the server's URL, seconds until the client host saw /health answer)."""
+    head, worker, client = hosts["head"], hosts["worker"], hosts["client"]
+    common = ["--engine", "vllm", "--dtype", "float32", *parallel, "--nnodes", "2", "--master-addr", head.address,
+              "--master-port", str(MASTER_PORT), "--distributed-executor-backend", "mp"]
+    procs = []
+    try:
+        for rank, host in enumerate((head, worker)):
+            copy = shutil.copytree(checkpoint, folder / f"{host.namespace}-model")
+            node = ["--host", head.address, "--port", str(PORT)] if rank == 0 else ["--headless"]
+            procs.append(host.start([FMBC, "serve", str(copy), "--node-rank", str(rank), *node, *common],
+                                    folder / f"node{rank}.log", {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(rank)}))
+        url, started = f"http://{head.address}:{PORT}", time.monotonic()
+        while client.curl(url + "/health", timeout=5)[0] != 200:
+            for rank, proc in enumerate(procs):
+                assert proc.poll() is None, (folder / f"node{rank}.log").read_text()[-5000:]
+            assert time.monotonic() - started < 600, "not healthy after 600 s"
+            time.sleep(1)
+        yield url, time.monotonic() - started
+    finally:
+        stop(procs)
+
+
+def served_greedy(client: Host, url: str, prompt: list[int]) -> Completion:
+    """Greedy tokens and logprobs (prompt ones too, by echo) from /v1/completions, asked from the client host."""
+    status, text = client.curl(url + "/v1/completions", {
+        "model": "fmbc", "prompt": prompt, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS, "ignore_eos": True,
+        "temperature": 0, "logprobs": 1, "echo": True, "return_tokens_as_token_ids": True})
+    assert status == 200, text
+    logprobs = json.loads(text)["choices"][0]["logprobs"]
+    tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+    n = len(prompt)
+    assert tokens[:n] == prompt
+    return Completion(tokens[n:], logprobs["token_logprobs"][n:], logprobs["token_logprobs"][1:n])
+
+
+@pytest.mark.parametrize(("layout", "parallel"), [("pipeline", ["--pipeline-parallel-size", "2"]),
+                                                  ("tensor", ["--tensor-parallel-size", "2"])])
+def test_two_hosts_serve_with_reference_parity(layout: str, parallel: list[str], hosts: dict[str, Host],
+                                               tiny_checkpoints: dict[str, str],
+                                               parallel_block_checkpoints: dict[str, str], tmp_path: Path) -> None:
+    """One stage (pipeline) or one rank (tensor) per host; the fixed binary code under pipeline parallelism, a
+    parallel-residual (GPT-NeoX style) checkpoint under tensor parallelism: greedy tokens equal to the
+    reference's, logprobs within FP32_PARITY, answered to a client on a third host."""
+    checkpoint = tiny_checkpoints["binary"] if layout == "pipeline" else parallel_block_checkpoints["parallel"]
+    with served_across_two_hosts(hosts, checkpoint, parallel, tmp_path) as (url, up_s):
+        served = [served_greedy(hosts["client"], url, prompt) for prompt in PROMPTS]
+    rows = [compare(ref, eng, len(p)) for ref, eng, p in zip(reference_greedy(checkpoint, PROMPTS, NEW_TOKENS),
+                                                              served, PROMPTS, strict=True)]
+    print(f"\n{layout} parallel across two hosts: healthy after {up_s:.0f} s; per prompt (tokens equal, max "
+          f"|Δlogprob|): {[(r.agree, f'{r.max_delta:.1e}') for r in rows]}")
+    assert all(row.agree and row.max_delta <= FP32_PARITY for row in rows), rows
+
+
+def test_hosts_are_removed_after_a_failure() -> None:
+    """A failure inside leaves no namespace, interface or process behind."""
+    with pytest.raises(RuntimeError, match="inside"), network_hosts(["one", "two"]) as made:
+        sleeper = made["one"].start(["sleep", "600"], Path(os.devnull), {})
+        tag = made["one"].namespace.removesuffix("-one")
+        raise RuntimeError("a failure inside")
+    assert sleeper.wait(timeout=30) == -9
+    assert tag.startswith(PREFIX) and not [name for name in namespaces() if name.startswith(tag)]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert "port0" not in links and "br0" not in links
