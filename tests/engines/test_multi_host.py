@@ -40,29 +40,36 @@ def hosts() -> Iterator[dict[str, Host]]:
 
 
 @contextlib.contextmanager
-def served_across_two_hosts(hosts: dict[str, Host], checkpoint: str, parallel: list[str], folder: Path
-                            ) -> Iterator[tuple[str, float]]:
+def two_hosts_started(hosts: dict[str, Host], checkpoint: str, flags: list[str], folder: Path,
+                      worker_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
     """`fmbc serve` on the head host (the OpenAI server) and `--headless` on the worker, one core each, each with
-    its own copy of CHECKPOINT: (the server's URL, seconds until the client host saw /health answer)."""
-    head, worker, client = hosts["head"], hosts["worker"], hosts["client"]
-    common = ["--engine", "vllm", "--dtype", "float32", *parallel, "--nnodes", "2", "--master-addr", head.address,
+    its own copy of CHECKPOINT; the worker's vLLM runs as `fmbc serve` starts it, in WORKER_ENV. Both stopped
+    after."""
+    head, worker = hosts["head"], hosts["worker"]
+    common = ["--engine", "vllm", "--dtype", "float32", *flags, "--nnodes", "2", "--master-addr", head.address,
               "--master-port", str(MASTER_PORT), "--distributed-executor-backend", "mp"]
     procs = []
     try:
         for rank, host in enumerate((head, worker)):
             copy = shutil.copytree(checkpoint, folder / f"{host.namespace}-model")
             node = ["--host", head.address, "--port", str(PORT)] if rank == 0 else ["--headless"]
+            env = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(rank), **(worker_env or {} if rank else {})}
             procs.append(host.start([FMBC, "serve", str(copy), "--node-rank", str(rank), *node, *common],
-                                    folder / f"node{rank}.log", {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(rank)}))
-        url, started = f"http://{head.address}:{PORT}", time.monotonic()
-        while client.curl(url + "/health", timeout=5)[0] != 200:
-            for rank, proc in enumerate(procs):
-                assert proc.poll() is None, (folder / f"node{rank}.log").read_text()[-5000:]
-            assert time.monotonic() - started < 600, "not healthy after 600 s"
-            time.sleep(1)
-        yield url, time.monotonic() - started
+                                    folder / f"node{rank}.log", env))
+        yield procs
     finally:
         stop(procs)
+
+
+def wait_healthy(client: Host, url: str, procs: list[subprocess.Popen], folder: Path) -> float:
+    """Seconds until /health answers 200 to the client host; fails at once if either host's server exits."""
+    started = time.monotonic()
+    while client.curl(url + "/health", timeout=5)[0] != 200:
+        for rank, proc in enumerate(procs):
+            assert proc.poll() is None, (folder / f"node{rank}.log").read_text()[-5000:]
+        assert time.monotonic() - started < 600, "not healthy after 600 s"
+        time.sleep(1)
+    return time.monotonic() - started
 
 
 def served_greedy(client: Host, url: str, prompt: list[int]) -> Completion:
@@ -87,13 +94,62 @@ def test_two_hosts_serve_with_reference_parity(layout: str, parallel: list[str],
     parallel-residual (GPT-NeoX style) checkpoint under tensor parallelism: greedy tokens equal to the
     reference's, logprobs within FP32_PARITY, answered to a client on a third host."""
     checkpoint = tiny_checkpoints["binary"] if layout == "pipeline" else parallel_block_checkpoints["parallel"]
-    with served_across_two_hosts(hosts, checkpoint, parallel, tmp_path) as (url, up_s):
-        served = [served_greedy(hosts["client"], url, prompt) for prompt in PROMPTS]
+    url, client = f"http://{hosts['head'].address}:{PORT}", hosts["client"]
+    with two_hosts_started(hosts, checkpoint, parallel, tmp_path) as procs:
+        up_s = wait_healthy(client, url, procs, tmp_path)
+        served = [served_greedy(client, url, prompt) for prompt in PROMPTS]
+        if layout == "tensor":
+            worker_killed_mid_stream(hosts, url, procs[0])
     rows = [compare(ref, eng, len(p)) for ref, eng, p in zip(reference_greedy(checkpoint, PROMPTS, NEW_TOKENS),
                                                               served, PROMPTS, strict=True)]
     print(f"\n{layout} parallel across two hosts: healthy after {up_s:.0f} s; per prompt (tokens equal, max "
           f"|Δlogprob|): {[(r.agree, f'{r.max_delta:.1e}') for r in rows]}")
     assert all(row.agree and row.max_delta <= FP32_PARITY for row in rows), rows
+
+
+def worker_killed_mid_stream(hosts: dict[str, Host], url: str, head: subprocess.Popen) -> None:
+    """The worker host dies while the head streams an answer: the stream ends with an error event (no hang),
+    /health stops answering 200, and the head's server exits."""
+    body = {"model": "fmbc", "prompt": [1], "max_tokens": 250, "ignore_eos": True, "temperature": 0, "stream": True}
+    stream = subprocess.Popen(hosts["client"].command(
+        ["curl", "-sN", "--max-time", "120", url + "/v1/completions", "-H", "Content-Type: application/json", "-d",
+         json.dumps(body)]), stdout=subprocess.PIPE, text=True)
+    first = stream.stdout.readline()
+    assert first.startswith("data: {"), first
+    killed = time.monotonic()
+    hosts["worker"].crash()
+    rest, _ = stream.communicate(timeout=120)
+    stream_end_s = time.monotonic() - killed
+    while hosts["client"].curl(url + "/health", timeout=5)[0] == 200:
+        assert time.monotonic() - killed < 60, "/health still 200 a minute after the worker host died"
+        time.sleep(0.2)
+    unhealthy_s = time.monotonic() - killed
+    head.wait(timeout=120)
+    events = [line for line in rest.splitlines() if line.startswith("data: ")]
+    print(f"\nworker host killed mid-stream: {len(events)} more events, the stream ended {stream_end_s:.1f} s "
+          f"later with {events[-2:]}, /health not 200 after {unhealthy_s:.1f} s, head exited "
+          f"{time.monotonic() - killed:.0f} s after the kill (code {head.returncode})")
+    assert any('"error"' in event for event in events) and events[-1] == "data: [DONE]", events[-3:]
+
+
+def test_a_host_without_the_plugin_fails_clearly_and_the_head_gives_up(hosts: dict[str, Host],
+                                                                       tiny_checkpoints: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """The worker's vLLM without fmbc-serve's plugin (switched off by vLLM's own filter, VLLM_PLUGINS=none) stops
+    at once naming the architecture it lacks; the head, which cannot see why, gives up after
+    --distributed-timeout-seconds saying how many hosts joined (vLLM's default is torch's: 30 min on gloo)."""
+    flags = ["--tensor-parallel-size", "2", "--distributed-timeout-seconds", "30",
+             "--cpu-distributed-timeout-seconds", "30"]
+    started = time.monotonic()
+    with two_hosts_started(hosts, tiny_checkpoints["binary"], flags, tmp_path, {"VLLM_PLUGINS": "none"}) as procs:
+        head, worker = procs
+        assert worker.wait(timeout=300) != 0
+        assert head.wait(timeout=300) != 0
+    worker_log, head_log = (tmp_path / "node1.log").read_text(), (tmp_path / "node0.log").read_text()
+    print(f"\nworker without the plugin: both hosts exited, the head {time.monotonic() - started:.0f} s after the "
+          "start")
+    assert "Model architectures ['FMBCForCausalLM'] are not supported" in worker_log
+    assert "1/2 clients joined" in head_log
 
 
 def test_hosts_are_removed_after_a_failure() -> None:

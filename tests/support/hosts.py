@@ -31,12 +31,17 @@ def namespaces() -> list[str]:
     return [entry["name"] for entry in json.loads(listing or "[]")]
 
 
-def remove_namespace(name: str) -> None:
-    """Kill every process in the namespace (a host's processes die with it), then remove it (its veth goes too)."""
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout.split()
-    for pid in pids:
+def kill_processes(namespace: str) -> None:
+    """SIGKILL every process in the namespace, as if its host lost power."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30).stdout
+    for pid in pids.split():
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
+
+
+def remove_namespace(name: str) -> None:
+    """Kill every process in the namespace (a host's processes die with it), then remove it (its veth goes too)."""
+    kill_processes(name)
     subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
@@ -61,6 +66,10 @@ class Host:
         with open(log, "w") as out:
             return subprocess.Popen(self.command(argv), stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, **env}, start_new_session=True)
+
+    def crash(self) -> None:
+        """Every process of this host killed at once."""
+        kill_processes(self.namespace)
 
     def curl(self, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, str]:
         """(HTTP status, body) of a GET, or a POST of BODY as JSON, sent with curl from this host (0: no answer)."""
