@@ -13,12 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from support.engines import require
 from support.hosts import PREFIX, Host, namespaces, network_hosts, stop
-from support.servers import ENGINE_ENV
+from support.servers import ENGINE_ENV, successes_in
 
 from fmbc_serve.parity import Completion, compare, reference_greedy
 from fmbc_serve.tolerances import FP32_PARITY
@@ -40,25 +41,28 @@ def hosts() -> Iterator[dict[str, Host]]:
 
 
 @contextlib.contextmanager
-def two_hosts_started(hosts: dict[str, Host], checkpoint: str, flags: list[str], folder: Path,
-                      worker_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
-    """`fmbc serve` on the head host (the OpenAI server) and `--headless` on the worker, one core each, each with
-    its own copy of CHECKPOINT; the worker's vLLM runs as `fmbc serve` starts it, in WORKER_ENV. Both stopped
-    after."""
+def two_hosts_started(hosts: dict[str, Host], checkpoint: str, flags: list[str], worker_flags: list[str],
+                      folder: Path, worker_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
+    """`fmbc serve ... FLAGS` on the head host (the OpenAI server) and `... FLAGS --headless WORKER_FLAGS` on the
+    worker, one core each, each with its own copy of CHECKPOINT, the worker in WORKER_ENV. Both stopped after."""
     head, worker = hosts["head"], hosts["worker"]
-    common = ["--engine", "vllm", "--dtype", "float32", *flags, "--nnodes", "2", "--master-addr", head.address,
-              "--master-port", str(MASTER_PORT), "--distributed-executor-backend", "mp"]
+    common = ["--engine", "vllm", "--dtype", "float32", *flags]
     procs = []
     try:
         for rank, host in enumerate((head, worker)):
             copy = shutil.copytree(checkpoint, folder / f"{host.namespace}-model")
-            node = ["--host", head.address, "--port", str(PORT)] if rank == 0 else ["--headless"]
+            own = ["--host", head.address, "--port", str(PORT)] if rank == 0 else ["--headless", *worker_flags]
             env = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(rank), **(worker_env or {} if rank else {})}
-            procs.append(host.start([FMBC, "serve", str(copy), "--node-rank", str(rank), *node, *common],
-                                    folder / f"node{rank}.log", env))
+            procs.append(host.start([FMBC, "serve", str(copy), *common, *own], folder / f"node{rank}.log", env))
         yield procs
     finally:
         stop(procs)
+
+
+def multi_node(hosts: dict[str, Host]) -> list[str]:
+    """vLLM's multi-node flags for two hosts with the head as master."""
+    return ["--nnodes", "2", "--master-addr", hosts["head"].address, "--master-port", str(MASTER_PORT),
+            "--distributed-executor-backend", "mp"]
 
 
 def wait_healthy(client: Host, url: str, procs: list[subprocess.Popen], folder: Path) -> float:
@@ -95,7 +99,7 @@ def test_two_hosts_serve_with_reference_parity(layout: str, parallel: list[str],
     reference's, logprobs within FP32_PARITY, answered to a client on a third host."""
     checkpoint = tiny_checkpoints["binary"] if layout == "pipeline" else parallel_block_checkpoints["parallel"]
     url, client = f"http://{hosts['head'].address}:{PORT}", hosts["client"]
-    with two_hosts_started(hosts, checkpoint, parallel, tmp_path) as procs:
+    with two_hosts_started(hosts, checkpoint, multi_node(hosts) + parallel, ["--node-rank", "1"], tmp_path) as procs:
         up_s = wait_healthy(client, url, procs, tmp_path)
         served = [served_greedy(client, url, prompt) for prompt in PROMPTS]
         if layout == "tensor":
@@ -105,6 +109,29 @@ def test_two_hosts_serve_with_reference_parity(layout: str, parallel: list[str],
     print(f"\n{layout} parallel across two hosts: healthy after {up_s:.0f} s; per prompt (tokens equal, max "
           f"|Δlogprob|): {[(r.agree, f'{r.max_delta:.1e}') for r in rows]}")
     assert all(row.agree and row.max_delta <= FP32_PARITY for row in rows), rows
+
+
+def test_data_parallel_across_two_hosts_spreads_requests(hosts: dict[str, Host], tiny_checkpoints: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """`--data-parallel-size 2`, one engine per host (the worker `--headless --data-parallel-start-rank 1`), one
+    API server on the head: concurrent requests from the client host answered with the reference's greedy
+    tokens, and both engines took some."""
+    checkpoint = tiny_checkpoints["learned"]
+    flags = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address",
+             hosts["head"].address, "--data-parallel-rpc-port", str(MASTER_PORT)]
+    url, client = f"http://{hosts['head'].address}:{PORT}", hosts["client"]
+    with two_hosts_started(hosts, checkpoint, flags, ["--data-parallel-start-rank", "1"], tmp_path) as procs:
+        up_s = wait_healthy(client, url, procs, tmp_path)
+        with ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(lambda prompt: served_greedy(client, url, prompt), PROMPTS * 4))
+        status, metrics = client.curl(url + "/metrics")
+    counts = successes_in(metrics)
+    reference = reference_greedy(checkpoint, PROMPTS, NEW_TOKENS)
+    rows = [compare(ref, eng, len(p)) for ref, eng, p in zip(reference * 4, served, PROMPTS * 4, strict=True)]
+    print(f"\ndata parallel across two hosts (learned table): healthy after {up_s:.0f} s; requests per engine "
+          f"{counts}; max |Δlogprob| {max(r.max_delta for r in rows):.1e}")
+    assert status == 200 and all(row.agree and row.max_delta <= FP32_PARITY for row in rows), rows
+    assert sorted(counts) == ["0", "1"] and all(n > 0 for n in counts.values()), counts
 
 
 def worker_killed_mid_stream(hosts: dict[str, Host], url: str, head: subprocess.Popen) -> None:
@@ -138,10 +165,11 @@ def test_a_host_without_the_plugin_fails_clearly_and_the_head_gives_up(hosts: di
     """The worker's vLLM without fmbc-serve's plugin (switched off by vLLM's own filter, VLLM_PLUGINS=none) stops
     at once naming the architecture it lacks; the head, which cannot see why, gives up after
     --distributed-timeout-seconds saying how many hosts joined (vLLM's default is torch's: 30 min on gloo)."""
-    flags = ["--tensor-parallel-size", "2", "--distributed-timeout-seconds", "30",
-             "--cpu-distributed-timeout-seconds", "30"]
+    flags = multi_node(hosts) + ["--tensor-parallel-size", "2", "--distributed-timeout-seconds", "30",
+                                 "--cpu-distributed-timeout-seconds", "30"]
     started = time.monotonic()
-    with two_hosts_started(hosts, tiny_checkpoints["binary"], flags, tmp_path, {"VLLM_PLUGINS": "none"}) as procs:
+    with two_hosts_started(hosts, tiny_checkpoints["binary"], flags, ["--node-rank", "1"], tmp_path,
+                           {"VLLM_PLUGINS": "none"}) as procs:
         head, worker = procs
         assert worker.wait(timeout=300) != 0
         assert head.wait(timeout=300) != 0

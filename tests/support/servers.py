@@ -41,8 +41,13 @@ class Server:
 
 def successes_by_engine(base_url: str) -> dict[str, float]:
     """vllm:request_success_total summed per engine (data-parallel rank) from the Prometheus endpoint."""
+    return successes_in(requests.get(base_url + "/metrics", timeout=10).text)
+
+
+def successes_in(metrics: str) -> dict[str, float]:
+    """vllm:request_success_total summed per engine (data-parallel rank) in a Prometheus exposition."""
     counts: dict[str, float] = {}
-    for line in requests.get(base_url + "/metrics", timeout=10).text.splitlines():
+    for line in metrics.splitlines():
         if line.startswith("vllm:request_success_total{"):
             labels, value = line.rsplit(" ", 1)
             engine = labels.split('engine="', 1)[1].split('"', 1)[0]
