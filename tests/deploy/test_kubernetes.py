@@ -5,9 +5,12 @@ repeated by hand."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 from support.images import (
@@ -24,6 +27,7 @@ from support.images import (
 
 from fmbc_serve.versions import VLLM_ROUTER_VERSION
 
+SCHEMAS = Path(__file__).parent / "schemas"
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
 
@@ -37,13 +41,76 @@ def image_health_path(engine: str) -> str:
     return re.search(r"localhost:\d+(/[a-z]+)", check).group(1)
 
 
+def closed(schema: dict) -> dict:
+    """SCHEMA with unknown fields refused wherever it lists the known ones, as the API server's strict field
+    validation does (a CRD's structural schema would silently prune them)."""
+    schema = {key: closed(value) if isinstance(value, dict) else value for key, value in schema.items()}
+    if "properties" in schema:
+        schema["properties"] = {name: closed(sub) for name, sub in schema["properties"].items()}
+        schema.setdefault("additionalProperties", False)
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = closed(schema["items"])
+    return schema
+
+
+def validate_leaderworkerset(doc: dict, version: str) -> None:
+    """Against LWS's own CRD schema (checked in, source in its $comment), each pod template as a Pod."""
+    schema = json.loads((SCHEMAS / "leaderworkerset.x-k8s.io_v1.json").read_text())
+    jsonschema.validate(doc, closed(schema))
+    template = doc["spec"]["leaderWorkerTemplate"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        metadata = {"name": role.lower(), **template[role].get("metadata", {})}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template[role]["spec"]}
+        kubernetes_validate.validate(pod, version, strict=True)
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifests_validate_strictly(path: Path, version: str) -> None:
     docs = resources(path)
     assert docs
     for doc in docs:
-        kubernetes_validate.validate(doc, version, strict=True)
+        if doc["apiVersion"] == "leaderworkerset.x-k8s.io/v1":
+            validate_leaderworkerset(doc, version)
+        else:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_validation_refuses_what_kubernetes_would() -> None:
+    """The LWS check is not a rubber stamp: an unknown field, a wrong type, a bad pod template are refused."""
+    (good,) = by_kind("LeaderWorkerSet").values()
+    for mutate in (lambda d: d["spec"].update(replica=1), lambda d: d["spec"].update(replicas="one"),
+                   lambda d: d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0].update(
+                       imagePullPolicy=3)):
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
+            validate_leaderworkerset(bad, KUBERNETES_VERSIONS[0])
+
+
+def test_multi_node_set_runs_the_tested_flags_on_the_image() -> None:
+    """The leader serves, the worker is `--headless`; both run `fmbc serve` on the vLLM image with the multi-node
+    flags tests/engines/test_multi_host.py runs, the node rank and head address from LWS."""
+    (lws,) = by_kind("LeaderWorkerSet").values()
+    template = lws["spec"]["leaderWorkerTemplate"]
+    (leader,) = template["leaderTemplate"]["spec"]["containers"]
+    (worker,) = template["workerTemplate"]["spec"]["containers"]
+    image_args = default_command(dockerfile("vllm"))
+    for container in (leader, worker):
+        assert container["image"] == f"fmbc-serve-vllm:{versions()['VLLM_VERSION']}"
+        args = container["args"]
+        assert args[:5] == image_args[:5]  # fmbc serve /models/fmbc --engine vllm
+        flag = {name: args[i + 1] for i, name in enumerate(args[:-1]) if name.startswith("--")}
+        assert flag["--nnodes"] == "$(LWS_GROUP_SIZE)" and flag["--node-rank"] == "$(LWS_WORKER_INDEX)"
+        assert flag["--master-addr"] == "$(LWS_LEADER_ADDRESS)" and flag["--distributed-executor-backend"] == "mp"
+    assert "--headless" in worker["args"] and "--headless" not in leader["args"]
+    assert template["size"] == 2
+    port = image_port("vllm")
+    assert leader["ports"][0] == {"name": "http", "containerPort": port}
+    assert leader["readinessProbe"]["httpGet"] == {"path": image_health_path("vllm"), "port": "http"}
+    service = by_kind("Service")["fmbc-vllm-multi-node"]
+    assert service["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"],
+                                           "role": template["leaderTemplate"]["metadata"]["labels"]["role"]}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
