@@ -127,14 +127,10 @@ def checkpoint_to_serve(src: str, trust_remote_code: bool) -> Path:
     if json.loads((folder / "config.json").read_text()).get("model_type") == "fmbc":
         return folder
     imported = import_cache() / f"{folder.resolve().name}-{content_key(folder)}"
-    reuse = f"fmbc serve: {src} was imported before, unchanged since: reusing {imported}"
-    if (imported / REPORT_FILE).is_file():
-        print(reuse, flush=True)
-        return imported
     imported.parent.mkdir(parents=True, exist_ok=True)
     with import_lock(imported, src):
         if (imported / REPORT_FILE).is_file():
-            print(reuse, flush=True)
+            print(f"fmbc serve: {src} was imported before, unchanged since: reusing {imported}", flush=True)
             return imported
         for leftover in imported.parent.glob(staging_prefix(imported) + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
