@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Two vLLM replicas of one checkpoint, one CPU core each, behind vLLM's router (vllm-router) on PORT: the
-# one-machine recipe of docs/scale-out.md, used by tests/engines/test_router.py and CI.
+# vLLM's router (vllm-router) on PORT in front of FMBC replicas: the recipes of docs/scale-out.md, used by
+# tests/engines/test_router.py, tests/engines/test_multi_host.py and CI.
 #
-#   bash examples/router.sh DIR PORT [vLLM server flags...]
+#   bash examples/router.sh DIR PORT [vLLM server flags...]                   # two replicas on this machine
+#   REPLICA_URLS="http://HOST1:30001 http://HOST2:30001" bash examples/router.sh PORT   # replicas on other hosts
 #
-# Runs in the foreground. The replicas serve DIR under the name `fmbc` on 127.0.0.1 (flags after PORT go to both,
-# after `--dtype float32`); once both answer /health the router starts on PORT and the script prints its URL.
-# A replica that exits later is started again (the router's health checks take it out and back in). SIGTERM or
-# SIGINT (Ctrl-C) stops the router and the replicas, with their engine processes, and exits 0 (started with `&`
-# from another script, bash ignores SIGINT: send SIGTERM). If a replica does not start, the script stops what it
-# started and exits 1 with the end of that replica's log.
+# Runs in the foreground. With DIR, it starts the replicas itself: they serve DIR under the name `fmbc` on
+# 127.0.0.1, one CPU core each (flags after PORT go to both, after `--dtype float32`); a replica that exits later
+# is started again (the router's health checks take it out and back in). With REPLICA_URLS, it routes to replicas
+# already started on their own hosts (`fmbc serve DIR --served-model-name fmbc --host ADDRESS`, kept running
+# there by that host's supervisor). Either way, once every replica answers /health the router starts on PORT and
+# the script prints its URL. SIGTERM or SIGINT (Ctrl-C) stops the router and the replicas it started, with their
+# engine processes, and exits 0 (started with `&` from another script, bash ignores SIGINT: send SIGTERM). If a
+# replica does not start (or a remote one does not answer), the script stops what it started and exits 1 with
+# the end of that replica's log.
 #
 # Environment:
 #   PYTHON          the Python of vLLM's environment, with fmbc-serve and its `router` extra (vllm-router)
 #                   installed (default: python3 on PATH; `bash scripts/venv.sh vllm` makes one)
+#   REPLICA_URLS    replicas on other hosts to route to, instead of starting any (space-separated base URLs)
 #   REPLICA_CORES   one VLLM_CPU_OMP_THREADS_BIND value per replica (default "0 1"; "0-7 8-15" on 16 cores)
 #   REPLICA_PORTS   the replicas' ports (default PORT+1, PORT+2, ...)
 #   HOST            the router's address (default 127.0.0.1; 0.0.0.0 listens on every interface)
@@ -23,23 +28,36 @@
 #   VLLM_CPU_KVCACHE_SPACE  GiB of KV cache per replica (default 1)
 set -euo pipefail
 
-usage() { echo "usage: bash examples/router.sh DIR PORT [vLLM server flags...]" >&2; exit 2; }
-[ $# -ge 2 ] || usage
-model=$1 port=$2
-shift 2
-[[ $port =~ ^[0-9]+$ ]] || usage
-[ -f "$model/config.json" ] || { echo "router.sh: $model is not a checkpoint folder (no config.json)" >&2; exit 2; }
+usage() {
+  echo "usage: bash examples/router.sh DIR PORT [vLLM server flags...]  or  REPLICA_URLS=\"URL...\" bash" \
+       "examples/router.sh PORT" >&2
+  exit 2
+}
+read -r -a remote <<<"${REPLICA_URLS:-}"
 python=${PYTHON:-python3}
-"$python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('vllm') and u.find_spec('vllm_router')))" \
+if [ "${#remote[@]}" -gt 0 ]; then  # route to replicas on other hosts
+  [ $# = 1 ] || usage
+  port=$1 model="" modules=(vllm_router)
+else
+  [ $# -ge 2 ] || usage
+  model=$1 port=$2 modules=(vllm vllm_router)
+  shift 2
+fi
+[[ $port =~ ^[0-9]+$ ]] || usage
+[ -z "$model" ] || [ -f "$model/config.json" ] || {
+  echo "router.sh: $model is not a checkpoint folder (no config.json)" >&2; exit 2; }
+"$python" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, sys.argv[1:])))" "${modules[@]}" \
   2>/dev/null || {
-  echo "router.sh: $python cannot import vllm and vllm_router: set PYTHON to vLLM's environment with" \
+  echo "router.sh: $python cannot import ${modules[*]}: set PYTHON to vLLM's environment with" \
        "fmbc-serve[router] installed (bash scripts/venv.sh vllm)" >&2; exit 2; }
 command -v curl >/dev/null || { echo "router.sh: curl is needed for the health checks" >&2; exit 2; }
 
 read -r -a cores <<<"${REPLICA_CORES:-0 1}"
+[ -z "$model" ] && cores=()
 default_ports=()
 for i in "${!cores[@]}"; do default_ports+=("$((port + i + 1))"); done
 read -r -a ports <<<"${REPLICA_PORTS:-${default_ports[*]}}"
+[ -z "$model" ] && ports=()
 [ "${#ports[@]}" = "${#cores[@]}" ] || {
   echo "router.sh: REPLICA_PORTS needs one port per entry of REPLICA_CORES" >&2; exit 2; }
 host=${HOST:-127.0.0.1}
@@ -81,21 +99,30 @@ fail_start() {  # replica index, reason
 }
 
 for i in "${!cores[@]}"; do start_replica "$i" "$@"; done
-echo "router.sh: starting ${#cores[@]} replicas of $model (logs in $log_dir)" >&2
+urls=()
+for p in "${ports[@]}"; do urls+=("http://127.0.0.1:$p"); done
+if [ -n "$model" ]; then
+  echo "router.sh: starting ${#cores[@]} replicas of $model (logs in $log_dir)" >&2
+else
+  urls=("${remote[@]%/}")
+  echo "router.sh: waiting for ${#urls[@]} replicas: ${urls[*]}" >&2
+fi
 deadline=$((SECONDS + ${START_TIMEOUT:-600}))
-for i in "${!cores[@]}"; do
-  until healthy "http://127.0.0.1:${ports[i]}/health"; do
-    if ! kill -0 "${pids[i]}" 2>/dev/null; then
+for i in "${!urls[@]}"; do
+  until healthy "${urls[i]}/health"; do
+    if [ -n "$model" ] && ! kill -0 "${pids[i]}" 2>/dev/null; then
       wait "${pids[i]}" && status=0 || status=$?
       fail_start "$i" "exited with status $status"
     fi
-    [ $SECONDS -lt $deadline ] || fail_start "$i" "no answer on /health after ${START_TIMEOUT:-600} s"
+    if [ $SECONDS -ge $deadline ]; then
+      [ -n "$model" ] || { echo "router.sh: replica ${urls[i]} did not answer /health in ${START_TIMEOUT:-600} s" >&2
+                           exit 1; }
+      fail_start "$i" "no answer on /health after ${START_TIMEOUT:-600} s"
+    fi
     sleep 1
   done
 done
 
-urls=()
-for p in "${ports[@]}"; do urls+=("http://127.0.0.1:$p"); done
 # Round robin; a health check every second (two failures take a replica out, one success brings it back);
 # circuit breakers count only worker failures (5xx, connection errors, timeouts), never a client's 4xx, and
 # an open one is tried again after 5 s (the default 60 s keeps a restarted replica idle for a minute).
@@ -104,7 +131,8 @@ setsid "$python" -m vllm_router.launch_router --host "$host" --port "$port" --wo
   --health-failure-threshold 2 --health-success-threshold 1 --cb-timeout-duration-secs 5 \
   --prometheus-port "${METRICS_PORT:-29000}" --log-level warning &
 router_pid=$!
-until healthy "http://127.0.0.1:$port/readiness"; do
+[ "$host" = 0.0.0.0 ] && local_host=127.0.0.1 || local_host=$host
+until healthy "http://$local_host:$port/readiness"; do
   kill -0 "$router_pid" 2>/dev/null || { echo "router.sh: the router exited at start" >&2; exit 1; }
   sleep 0.5
 done

@@ -5,6 +5,7 @@ health-check and circuit-breaker flags; in the vLLM suite, the installed router 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -78,13 +79,19 @@ def test_router_image_installs_the_tested_router() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    ([], "usage: bash examples/router.sh DIR PORT"),
-    (["/nonexistent", "30000"], "/nonexistent is not a checkpoint folder (no config.json)"),
-    ([str(ROOT), "not-a-port"], "usage: bash examples/router.sh DIR PORT"),
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    ([], {}, "usage: bash examples/router.sh DIR PORT"),
+    (["/nonexistent", "30000"], {}, "/nonexistent is not a checkpoint folder (no config.json)"),
+    ([str(ROOT), "not-a-port"], {}, "usage: bash examples/router.sh DIR PORT"),
+    ([str(ROOT), "30000"], {"REPLICA_URLS": "http://198.18.0.1:30000"}, "usage: bash examples/router.sh DIR PORT"),
+    (["not-a-port"], {"REPLICA_URLS": "http://198.18.0.1:30000"}, "usage: bash examples/router.sh DIR PORT"),
+    (["30000"], {"REPLICA_URLS": "http://198.18.0.1:30000", "PYTHON": "/nonexistent/python"},
+     "cannot import vllm_router: set PYTHON"),
 ])
-def test_recipe_refuses_bad_arguments(argv: list[str], message: str) -> None:
-    result = subprocess.run(["bash", str(RECIPE), *argv], capture_output=True, text=True, timeout=60)
+def test_recipe_refuses_bad_arguments(argv: list[str], env: dict[str, str], message: str) -> None:
+    """Wrong arguments (with REPLICA_URLS, the port alone) or an unusable PYTHON: exit 2 and one line naming it."""
+    result = subprocess.run(["bash", str(RECIPE), *argv], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env})
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 

@@ -68,8 +68,13 @@ class Host:
                                     env={**os.environ, **env}, start_new_session=True)
 
     def crash(self) -> None:
-        """Every process of this host killed at once."""
+        """Every process of this host killed at once (its kernel still answers: connections are reset)."""
         kill_processes(self.namespace)
+
+    def set_link(self, state: str) -> None:
+        """Its interface "down" (nothing reaches it or leaves it, as with a cut cable or a host without power:
+        connections stall rather than reset) or "up"."""
+        ip("-n", self.namespace, "link", "set", INTERFACE, state)
 
     def curl(self, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, str]:
         """(HTTP status, body) of a GET, or a POST of BODY as JSON, sent with curl from this host (0: no answer)."""

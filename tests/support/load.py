@@ -1,11 +1,13 @@
 """A load generator for an OpenAI server (a router in front of replicas): good clients sending plain and streamed
 completions, some streams cut by the client, and misconfigured clients sending bad requests of every kind, each
-request recorded with what it got."""
+request recorded with what it got. `python load.py URL MODEL SECONDS` runs the good clients alone and prints the
+records as JSON, for a client on another host (run there, e.g. in that host's network namespace)."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -115,14 +117,14 @@ def bad_client_loop(base_url: str, bad_requests: list[BadRequest], index: int, d
 
 def drive_load(base_url: str, model: str, bad_requests: list[BadRequest], seconds: float,
                during: Callable[[LoadResult], None] | None = None) -> LoadResult:
-    """LOAD_CLIENTS good clients of `model` and BAD_CLIENTS bad ones for `seconds`; `during(result)` runs
-    alongside (e.g. kills a replica)."""
+    """LOAD_CLIENTS good clients of `model` and (if there are BAD_REQUESTS) BAD_CLIENTS bad ones for `seconds`;
+    `during(result)` runs alongside (e.g. kills a replica)."""
     result = LoadResult()
     deadline = time.monotonic() + seconds
     threads = [threading.Thread(target=client_loop, args=(base_url, model, i, deadline, result))
                for i in range(LOAD_CLIENTS)]
     threads += [threading.Thread(target=bad_client_loop, args=(base_url, bad_requests, i, deadline, result))
-                for i in range(BAD_CLIENTS)]
+                for i in range(BAD_CLIENTS if bad_requests else 0)]
     for thread in threads:
         thread.start()
     if during is not None:
@@ -131,3 +133,8 @@ def drive_load(base_url: str, model: str, bad_requests: list[BadRequest], second
         thread.join(timeout=seconds + 180)
     assert not any(thread.is_alive() for thread in threads), "a client hung: a request was lost"
     return result
+
+
+if __name__ == "__main__":
+    url, model, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    print(json.dumps(drive_load(url, model, [], seconds).records))
