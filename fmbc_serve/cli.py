@@ -9,6 +9,7 @@
     fmbc serve [DIR|SRC] [--engine auto|vllm|sglang] [--host 127.0.0.1] [--port 30000] [--api-key KEY]
                [--trust-remote-code] [ENGINE FLAGS...]
     fmbc quantize DIR --out DIR [--scheme W8A8|W4A16]
+    fmbc export DIR --to gguf --out FILE [--outtype f32|f16|bf16|q8_0]
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean bad input, not a bug: each is printed as one line (exit status 2). Anything else keeps
     its traceback, so a bug inside fmbc-serve never reads like the user's mistake."""
     from .configuration_fmbc import ConfigError
+    from .gguf_export import ExportRefused
     from .importer import ImportRefused
     from .weights import CheckpointError
 
-    return CommandError, ConfigError, CheckpointError, ImportRefused, FileNotFoundError
+    return CommandError, ConfigError, CheckpointError, ImportRefused, ExportRefused, FileNotFoundError
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -167,6 +169,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    try:
+        summary = export_gguf(args.dir, args.out, args.outtype)
+    except ModuleNotFoundError as err:
+        raise CommandError(f"{err}: install fmbc-serve[gguf]") from err
+    print(f"wrote {summary['file']} ({summary['bytes']:,} bytes, {args.outtype}): llama.cpp's gptneox, token "
+          f"embedding {summary['token_embedding']}, tokenizer {summary['tokenizer']}; tensors by type "
+          f"{summary['tensors']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import PRESETS
     from .configuration_fmbc import INPUT_MODES
@@ -239,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scheme", choices=SCHEMES, default="W8A8")
     p.set_defaults(func=cmd_quantize)
+
+    from .gguf_export import OUTTYPES
+
+    p = sub.add_parser("export", help="write a checkpoint for another runtime: llama.cpp's GGUF (gptneox)")
+    p.add_argument("dir")
+    p.add_argument("--to", required=True, choices=["gguf"])
+    p.add_argument("--out", required=True, help="the GGUF file to write (never overwritten)")
+    p.add_argument("--outtype", choices=list(OUTTYPES), default="f32",
+                   help="how weight matrices are stored (norms and biases stay f32)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -26,6 +26,11 @@ LLMCOMPRESSOR_VERSION = "0.14.0.1"
 # vLLM's router, in front of the replicas (pyproject's `router` extra, docker/router.Dockerfile, the Kubernetes
 # manifest): the release whose handling of client errors, /v1/models and token-id prompts docs/scale-out.md measured.
 VLLM_ROUTER_VERSION = "0.1.17"
+# GGUF export and llama.cpp (pyproject's `gguf` and `llama` extras, docs/without-plugin.md): the `gguf` writer
+# llama.cpp's own converter uses, and the llama-cpp-python release (its vendored llama.cpp) the llama suite runs;
+# it ships as a source package only, so scripts/venv.sh builds it once into a cached environment ("llama").
+GGUF_VERSION = "0.19.0"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 logger = logging.getLogger("fmbc_serve")
 # Set once the line is logged: the engines' worker processes inherit it, so a server logs the line once.
@@ -64,4 +69,5 @@ if __name__ == "__main__":
     print(f"VLLM_VERSION={TESTED['vllm']}\nSGLANG_VERSION={TESTED['sglang']}\nCORE_TORCH_VERSION={CORE_TORCH_VERSION}\n"
           f"OLDEST_TRANSFORMERS_VERSION={CORE_RANGES['transformers'][0]}\n"
           f"NEWEST_TORCH_VERSION={CORE_RANGES['torch'][1]}\nNEWEST_TRANSFORMERS_VERSION={CORE_RANGES['transformers'][1]}\n"
-          f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}\nVLLM_ROUTER_VERSION={VLLM_ROUTER_VERSION}")
+          f"LLMCOMPRESSOR_VERSION={LLMCOMPRESSOR_VERSION}\nVLLM_ROUTER_VERSION={VLLM_ROUTER_VERSION}\n"
+          f"GGUF_VERSION={GGUF_VERSION}\nLLAMA_CPP_PYTHON_VERSION={LLAMA_CPP_PYTHON_VERSION}")

