@@ -62,7 +62,8 @@ class LoadResult:
 
 def client_loop(base_url: str, model: str, index: int, deadline: float, result: LoadResult) -> None:
     """One client until the deadline: alternately plain and streaming completions; every third stream is cut
-    by the client after its first chunks. Each request is recorded as ok or failed, with its error."""
+    by the client after its first chunks. Each request is recorded as ok or failed, with its error, and whether
+    its answer had begun (headers received) when it ended."""
     session = requests.Session()
     count = 0
     while time.monotonic() < deadline:
@@ -71,9 +72,10 @@ def client_loop(base_url: str, model: str, index: int, deadline: float, result: 
         cut = stream and count % 3 == 0
         body = {"model": model, "prompt": f"client {index} request {count}: In the beginning",
                 "max_tokens": MAX_TOKENS, "temperature": 0.8, "ignore_eos": True, "stream": stream}
-        start, tokens, error = time.monotonic(), 0, None
+        start, tokens, error, answered = time.monotonic(), 0, None, False
         try:
             with session.post(base_url + "/v1/completions", json=body, stream=stream, timeout=120) as reply:
+                answered = True  # the status line and headers arrived: the answer has begun
                 if reply.status_code != 200:
                     error = f"HTTP {reply.status_code}: {reply.text[:200]}"
                 elif not stream:
@@ -96,7 +98,7 @@ def client_loop(base_url: str, model: str, index: int, deadline: float, result: 
         except requests.RequestException as exc:
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
         result.add(start=start, end=time.monotonic(), ok=error is None, error=error, cut=cut, tokens=tokens,
-                   bad=False)
+                   answered=answered, bad=False)
 
 
 def bad_client_loop(base_url: str, bad_requests: list[BadRequest], index: int, deadline: float,
