@@ -245,8 +245,8 @@ def test_replicas_on_two_hosts_behind_the_router_lose_nothing_when_a_host_is_kil
     and LOAD_CLIENTS clients there. A third of the way into the load every process of the worker host is killed
     (its kernel stays up and resets their connections). Only answers that had begun (a stream whose headers had
     arrived) may be lost; the router's health checks take the host out. Then its replica is started again, as
-    its supervisor would: the router takes it in again and it serves. (A host that goes silent instead, its link down, is in
-    docs/scale-out.md's risks: vllm-router then lost a stream that had not started.)"""
+    its supervisor would: the router takes it in again and it serves. (A host that goes silent instead, its link
+    down, is in docs/scale-out.md's risks: vllm-router then lost a stream that had not started.)"""
     require("vllm_router")
     checkpoint, client, worker = tiny_checkpoints["binary"], hosts["client"], hosts["worker"]
     replica = {host: f"http://{hosts[host].address}:{PORT}" for host in ("head", "worker")}
