@@ -26,7 +26,7 @@ ARCH = "gptneox"
 # llama.cpp's converter.
 OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
             "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-SPM_SPACE = "\u2581"  # sentencepiece's escaped space: llama.cpp's SPM tokenizer reads every " " as this token
+SPM_SPACE = "\u2581"  # sentencepiece's escaped space: llama.cpp's unigram and SPM tokenizers read every " " as it
 
 
 class ExportRefused(ValueError):
@@ -71,12 +71,9 @@ def char_vocabulary(tokenizer) -> Vocabulary:
     character U+2581 itself, which it cannot tell from a space, becomes an unused entry."""
     import gguf
 
-    vocab = tokenizer.get_vocab()
-    by_id = {i: text for text, i in vocab.items()}
     specials = set(tokenizer.all_special_tokens)
     tokens, types = [], []
-    for i in range(len(by_id)):
-        text = by_id[i]
+    for i, text in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
         if text in specials:
             kind = gguf.TokenType.UNKNOWN if text == tokenizer.unk_token else gguf.TokenType.CONTROL
         elif len(text) != 1 or text == SPM_SPACE:
@@ -100,9 +97,8 @@ def bpe_vocabulary(tokenizer, spec: dict) -> Vocabulary:
             or steps[0].get("add_prefix_space"):
         raise ExportRefused(f"tokenizer: a BPE whose pre-tokenizer is {pre.get('type')!r} with {steps}: llama.cpp's "
                             "gpt2 tokenizer splits text with GPT-2's byte-level regex only")
-    by_id = {i: text for text, i in tokenizer.get_vocab().items()}
     specials = set(tokenizer.all_special_tokens) | {t["content"] for t in spec.get("added_tokens", [])}
-    tokens = [by_id[i] for i in range(len(by_id))]
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     types = [int(gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL) for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return Vocabulary("gpt2", tokens, types, merges=merges, pre="gpt-2")
@@ -128,8 +124,11 @@ def vocabulary(checkpoint_dir: Path) -> tuple[Vocabulary, object]:
 def gguf_tensors(model: torch.nn.Module, config: FMBCConfig) -> dict[str, torch.Tensor]:
     """llama.cpp's gptneox tensors, by its names, from the reference model (float32). The token embedding is the
     model's own input module applied to every id; Q, K and V are stacked in that order, as the graph splits them."""
-    d, zeros = config.hidden_size, torch.zeros
-    body = model.model
+    d, body = config.hidden_size, model.model
+
+    def bias(linear: torch.nn.Linear, size: int) -> torch.Tensor:
+        return linear.bias if linear.bias is not None else torch.zeros(size)
+
     with torch.no_grad():
         tensors = {"token_embd.weight": body.embed_tokens(torch.arange(config.vocab_size)).float(),
                    "output_norm.weight": body.norm.weight, "output_norm.bias": body.norm.bias,
@@ -137,10 +136,6 @@ def gguf_tensors(model: torch.nn.Module, config: FMBCConfig) -> dict[str, torch.
         for i, layer in enumerate(body.layers):
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-
-            def bias(linear: torch.nn.Linear, size: int) -> torch.Tensor:
-                return linear.bias if linear.bias is not None else zeros(size)
-
             tensors |= {
                 f"blk.{i}.attn_norm.weight": layer.input_layernorm.weight,
                 f"blk.{i}.attn_norm.bias": layer.input_layernorm.bias,
@@ -158,7 +153,7 @@ def gguf_tensors(model: torch.nn.Module, config: FMBCConfig) -> dict[str, torch.
     return {name: tensor.detach().float().contiguous() for name, tensor in tensors.items()}
 
 
-def stored(name: str, tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
+def stored(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
     """The tensor as written for OUTTYPE: 1-D tensors in float32; 2-D weights in the outtype, except that a row
     q8_0 cannot block (its length not a multiple of 32) stays f16, as llama.cpp's converter does."""
     import gguf
@@ -236,7 +231,7 @@ def export_gguf(checkpoint_dir: str | Path, out_file: str | Path, outtype: str =
 
     written: dict[str, int] = {}
     for name, tensor in gguf_tensors(model, config).items():
-        data, kind = stored(name, tensor, outtype)
+        data, kind = stored(tensor, outtype)
         writer.add_tensor(name, data, raw_dtype=kind)
         written[kind.name] = written.get(kind.name, 0) + 1
     try:
