@@ -63,7 +63,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"layout={c.code_layout}" + (f" affine_bias={c.affine_bias}" if c.input_mode == "affine" else ""))
     print(f"width / layers      {c.hidden_size} / {c.num_hidden_layers}  "
           f"({c.num_attention_heads} heads of {c.head_dim}, MLP {c.intermediate_size}, {c.hidden_act})")
-    print(f"norm / rope         {c.norm_type} eps={c.norm_eps} / theta={c.rope_theta} rotary_pct={c.rotary_pct}")
+    print(f"norm / rope         {c.norm_type} eps={c.norm_eps} / theta={c.rope_theta} "
+          f"partial_rotary_factor={c.partial_rotary_factor}")
     print(f"context             {c.max_position_embeddings}")
     print(f"tensor dtypes       {', '.join(f'{k}×{v}' for k, v in sorted(report.dtypes.items()))}")
     if quantization := getattr(c, "quantization_config", None):

@@ -21,8 +21,8 @@ TRANSFORMERS_TESTED = ("5.16.1", "5.24.0")
 
 def check_transformers(running: str = transformers.__version__) -> None:
     """Refuse, in one line, a transformers older than the oldest tested release: its cache and generate API differ
-    and the model would answer wrongly or fail deep inside generate. A newer release is not refused: the model's
-    `forward` takes no `**kwargs`, so an argument renamed there (as 5.24 renamed `past_key_values`) fails loudly."""
+    and the model would answer wrongly or fail deep inside generate. A newer release is not refused: the model follows
+    transformers' own modeling conventions (attention interface, cache protocol), which newer releases keep."""
     def release(version: str) -> tuple[int, ...]:
         return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group(0).split("."))
 
@@ -75,12 +75,22 @@ class FMBCConfig(PretrainedConfig):
         block_style: `sequential` (x + attn(ln1(x)), then + mlp(ln2(.))), `parallel` (x + attn(ln1(x)) +
             mlp(ln2(x)), GPT-NeoX) or `parallel_shared_norm` (x + attn(ln(x)) + mlp(ln(x)), GPT-J: no second norm).
         hidden_act: `gelu` (exact, erf) or `gelu_tanh`.
-        rope_theta: RoPE base. rotary_pct: fraction of head_dim that is rotated (NeoX-style halves).
+        rope_theta: RoPE base. partial_rotary_factor: fraction of head_dim that is rotated (NeoX-style halves).
         initializer_range: std of the normal init of weights.
     """
 
     model_type = "fmbc"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # How transformers' tensor parallelism (and the engines' Transformers backends) shard the blocks: the heads and
+    # the MLP's hidden units split across ranks, each block's two output projections summed over them.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     def __init__(
         self,
@@ -106,7 +116,7 @@ class FMBCConfig(PretrainedConfig):
         block_style: str = "sequential",
         hidden_act: str = "gelu",
         rope_theta: float = 10000.0,
-        rotary_pct: float = 1.0,
+        partial_rotary_factor: float = 1.0,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -137,7 +147,9 @@ class FMBCConfig(PretrainedConfig):
         self.block_style = block_style
         self.hidden_act = hidden_act
         self.rope_theta = float(rope_theta)
-        self.rotary_pct = float(rotary_pct)
+        # `rotary_pct`: this field's name in checkpoints written before it took the name transformers and the engines
+        # read (vLLM warns that it is deprecated).
+        self.partial_rotary_factor = float(kwargs.pop("rotary_pct", partial_rotary_factor))
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -171,8 +183,9 @@ class FMBCConfig(PretrainedConfig):
         need(self.hidden_act in ACTIVATIONS, "hidden_act",
              f"must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        need(0 < self.rotary_pct <= 1, "rotary_pct", f"must be in (0, 1], got {self.rotary_pct}")
-        need(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0, "rotary_pct",
+        need(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor",
+             f"must be in (0, 1], got {self.partial_rotary_factor}")
+        need(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0, "partial_rotary_factor",
              f"gives rotary_dim {self.rotary_dim} of head_dim {self.head_dim}; it must be even and >= 2")
         need(not self.tie_word_embeddings, "tie_word_embeddings",
              "must be False: the output projection is untied (and the fixed modes have no table to tie to)")
@@ -206,7 +219,7 @@ class FMBCConfig(PretrainedConfig):
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def num_code_bits(self) -> int:

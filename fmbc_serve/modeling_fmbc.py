@@ -25,23 +25,40 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .binary_code import FixedCodeInput, check_token_ids
 from .configuration_fmbc import FMBCConfig
 
-# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the argument `generate` passes to `forward`
-# and the field of the model outputs. `forward` takes both names (so each release in the supported range hands its
-# cache over) and answers under this release's field name. tests/unit/test_model.py has the test that fails once the
-# oldest supported transformers needs only `cache`.
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the argument `generate` passes to `forward`, the
+# field of the model outputs and the `cache.update` protocol. Before the rename, a `cache` keyword is continuous
+# batching's paged cache, which belongs to the attention function, not to the model. The model follows the running
+# release (kv_cache, update_cache). tests/unit/test_model.py fails once the oldest supported release needs only `cache`.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache passed under either name (see CACHE_FIELD); both at once is a caller's mistake."""
+def kv_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The model's KV cache, under this release's name (see CACHE_FIELD); both names at once is a caller's mistake.
+    From 5.24 `cache` is taken out of `kwargs`; before, it stays there for the attention function."""
+    if CACHE_FIELD == "past_key_values":
+        return past_key_values
+    cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
     return past_key_values if cache is None else cache
+
+
+def update_cache(cache: Cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+                 kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append this step's keys and values to the cache and return all of them. From 5.24 a cache reads (and a paged
+    cache writes) the attention kwargs, as transformers' own models pass them."""
+    if CACHE_FIELD == "cache":
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    return cache.update(key, value, layer_idx)
 
 
 try:  # the fused code + first-norm Triton kernel, installed with fmbc-serve; absent in a bare checkpoint folder
@@ -159,35 +176,58 @@ def stage_input(embed_tokens: nn.Module, first_layer: nn.Module, eps: float, dty
     return input_stage(embed_tokens, first_layer.input_layernorm, eps, input_ids, dtype)
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out (`attn_implementation="eager"`, and the interface's default) on [B, H, T, D] inputs:
+    the output [B, T, H, D] and the weights. `attention_mask` is the additive mask `create_causal_mask` makes; with
+    none, queries are causal, as with sdpa (a layer called on its own)."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    elif query.shape[2] > 1:
+        length, total = query.shape[2], key.shape[2]
+        future = torch.ones(length, total, dtype=torch.bool, device=query.device).triu(total - length + 1)
+        weights = weights.masked_fill(future, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class FMBCAttention(nn.Module):
+    """Multi-head attention with RoPE, computed by the configured attention function (transformers'
+    ALL_ATTENTION_FUNCTIONS: eager, sdpa, paged, or an engine's own, as vLLM's Transformers backend registers)."""
+
     def __init__(self, config: FMBCConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, d, bias=bias)
         self.k_proj = nn.Linear(d, d, bias=bias)
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
-        cache: Cache | None,
-    ) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None, cache: Cache | None,
+                **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)  # -1: the heads of this tensor-parallel rank
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward)
+        attn_output, _ = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling,
+                                             dropout=0.0, **kwargs)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
 class FMBCMLP(nn.Module):
@@ -215,14 +255,15 @@ class FMBCDecoderLayer(nn.Module):
             self.post_attention_layernorm = make_norm(config)
         self.mlp = FMBCMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
+                cache: Cache | None, **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer 0 receives the input stage's pair (its normalised input and the stream), so it skips the
         add-then-normalise step. A parallel block returns attention + MLP as its output and leaves the stream as it
         came in: the next block (or the final norm) adds both at once, x + attn(ln1(x)) + mlp(ln2(x))."""
         if self.layer_idx > 0:
             hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
-        attn_output = self.self_attn(hidden_states, rotary, attention_mask, cache)
+        attn_output = self.self_attn(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         if self.block_style == "sequential":
             hidden_states, residual = add_norm(self.post_attention_layernorm, attn_output, residual)
             return self.mlp(hidden_states), residual
@@ -236,6 +277,7 @@ class FMBCPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["FMBCDecoderLayer"]
     _supports_sdpa = True
+    _supports_attention_backend = True  # attention goes through ALL_ATTENTION_FUNCTIONS (the engines' backends)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -268,57 +310,47 @@ class FMBCModel(FMBCPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
+    @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
-                past_key_values: Cache | None = None) -> BaseModelOutputWithPast:
-        """No `**kwargs`: an argument transformers renames or adds (5.24's `cache`) must fail here, loudly, rather
-        than be dropped and change the answer."""
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPast:
+        """As transformers' decoders: the attention kwargs (an engine's, continuous batching's) pass through to the
+        attention function. The checks on ids and length run eagerly, not inside a compiled graph (an engine's)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        cache = one_cache(cache, past_key_values)
-        if input_ids is not None:  # out-of-range ids raise instead of aliasing onto a real token or past the table
+        cache = kv_cache(past_key_values, kwargs)
+        checking = not torch.compiler.is_compiling()
+        if input_ids is not None and checking:  # out-of-range ids raise instead of aliasing onto a real token
             check_token_ids(input_ids, self.config.vocab_size)
         hidden_states, residual = stage_input(self.embed_tokens, self.layers[0], self.config.norm_eps,
                                               self.norm.weight.dtype, input_ids, inputs_embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        batch, length = residual.shape[:2]
-        if past_length + length > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {past_length + length} tokens exceeds the context length "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        if position_ids is None:
+        if position_ids is None:  # positions we number: past + this input, which must fit the context
+            past_length = cache.get_seq_length() if cache is not None else 0
+            batch, length = residual.shape[:2]
+            if checking and past_length + length > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {past_length + length} tokens exceeds the context length "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=residual.device)
                 position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        mask = causal_mask(length, past_length, attention_mask, residual.device)
-        rotary = self.rotary_emb(position_ids)
+        mask = create_causal_mask(self.config, residual, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(position_ids)
         for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, residual, rotary, mask, cache if use_cache else None)
+            hidden_states, residual = layer(hidden_states, residual, position_embeddings, mask, cache, **kwargs)
         hidden_states, _ = add_norm(self.norm, hidden_states, residual)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
 
-def causal_mask(
-    length: int, past_length: int, attention_mask: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
-    """Boolean [B|1, 1, T, past+T] mask: causal, minus padded keys, always keeping each query's own key
-    (so rows of padding tokens stay finite)."""
-    query_pos = torch.arange(past_length, past_length + length, device=device).unsqueeze(-1)
-    key_pos = torch.arange(past_length + length, device=device).unsqueeze(0)
-    allowed = (key_pos <= query_pos).unsqueeze(0)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, -(past_length + length):]
-        allowed = allowed | (key_pos == query_pos).unsqueeze(0)
-    return allowed.unsqueeze(1)
-
-
 class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
     """FMBC decoder with its untied output projection; works with `generate()` and a KV cache."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: FMBCConfig) -> None:
         super().__init__(config)
@@ -340,26 +372,27 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
             kwargs["max_new_tokens"], generation_config = generation_config, None
         return super().generate(inputs, generation_config, *args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-    ) -> CausalLMOutputWithPast | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=one_cache(cache, past_key_values),
+            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -369,5 +402,4 @@ class FMBCForCausalLM(FMBCPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
-        return output if return_dict is not False else output.to_tuple()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..configuration_fmbc import FMBCConfig
-from ..modeling_fmbc import FMBCDecoderLayer, FMBCRotaryEmbedding, causal_mask
+from ..modeling_fmbc import FMBCDecoderLayer, FMBCRotaryEmbedding
 from ..tolerances import FP32_MODULE_MATCH
 from ..weights import canonical_tensors
 from .convert import Attention, complete, convert_block
@@ -53,8 +53,8 @@ def rotary_candidates(model: nn.Module, head_dim: int) -> tuple[list[int], list[
             list(dict.fromkeys([*thetas, *COMMON_THETAS])))
 
 
-def rotary_pct(rotary_dim: int, head_dim: int) -> float:
-    """A rotary_pct whose int(head_dim * pct) is exactly rotary_dim."""
+def rotary_fraction(rotary_dim: int, head_dim: int) -> float:
+    """A partial_rotary_factor whose int(head_dim * pct) is exactly rotary_dim."""
     pct = rotary_dim / head_dim
     return pct if int(head_dim * pct) == rotary_dim else (rotary_dim + 0.5) / head_dim
 
@@ -66,7 +66,7 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
     hidden_act`), under which our block, run on the foreign first block's input, gives the foreign block's
     output. Bases come from buffers, the config and common values; if none fits, the base of the closest
     candidate is fitted by a search over log(theta). The user's `--set num_attention_heads / rope_theta /
-    rotary_pct` replace the search for that fact."""
+    partial_rotary_factor` replace the search for that fact."""
     width = fields["hidden_size"]
     configured = overrides.get("num_attention_heads", config_value(model.config, HEAD_KEYS))
     heads_options = list(dict.fromkeys([*([int(configured)] if isinstance(configured, int) else []),
@@ -75,13 +75,13 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
         heads_options = heads_options[:1]
     x, target = streams[0], streams[1]
     positions = torch.arange(x.shape[1]).unsqueeze(0)
-    mask = causal_mask(x.shape[1], 0, None, x.device)
 
     def block_error(layer: FMBCDecoderLayer, heads: int, dim: int, theta: float) -> float:
         rope = FMBCConfig(**{**fields, "num_attention_heads": heads, "rope_theta": theta,
-                             "rotary_pct": rotary_pct(dim, width // heads), "input_mode": "learned"})
+                             "partial_rotary_factor": rotary_fraction(dim, width // heads),
+                             "input_mode": "learned"})
         with torch.no_grad():
-            hidden, residual = layer(torch.zeros_like(x), x, FMBCRotaryEmbedding(rope)(positions), mask, None)
+            hidden, residual = layer(torch.zeros_like(x), x, FMBCRotaryEmbedding(rope)(positions), None, None)
         return float((hidden + residual - target).abs().max()) / max(1.0, float(target.abs().max()))
 
     def loaded_layer(attention: Attention, act: str) -> FMBCDecoderLayer:
@@ -98,8 +98,8 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
     for heads in heads_options:  # the configured count first: usually it is the only one tried
         best_here: tuple[float, Attention | None, str] = (math.inf, None, "")
         dims, thetas = rotary_candidates(model, width // heads)
-        if "rotary_pct" in overrides:
-            dims = [int(width // heads * float(overrides["rotary_pct"]))]
+        if "partial_rotary_factor" in overrides:
+            dims = [int(width // heads * float(overrides["partial_rotary_factor"]))]
         if "rope_theta" in overrides:
             thetas = [float(overrides["rope_theta"])]
         for act, order, rotary, dim in itertools.product(activations, ("qkv", "per_head") if len(layout.qkv) == 1
@@ -125,7 +125,7 @@ def recognise_attention(model: nn.Module, block: nn.Module, layout: BlockLayout,
                         f"MLP, {fields['block_style']}); closest: {best[1]} with {best[2]}, relative error "
                         f"{best[0]:.1e}. Learned absolute positions or other attention scalings are not of this "
                         "family; if you know the head count, rotary base or rotated fraction, pass --set "
-                        "num_attention_heads=H, --set rope_theta=T or --set rotary_pct=P")
+                        "num_attention_heads=H, --set rope_theta=T or --set partial_rotary_factor=P")
 
 
 def fit_theta(error: Callable[[float], float]) -> float:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..configuration_fmbc import FMBCConfig
 from ..modeling_fmbc import FMBCForCausalLM
-from .attention import recognise_attention, rotary_pct
+from .attention import recognise_attention, rotary_fraction
 from .code import solve_code
 from .convert import convert_model, name_mapping
 from .errors import ImportRefused
@@ -73,7 +73,7 @@ def recognise(model: nn.Module, tokenizer: object, source: str, overrides: dict[
     fields.update({key: getattr(model.config, key) for key in SPECIAL_TOKENS
                    if isinstance(getattr(model.config, key, None), int)})
     fields.update(code_fields, num_attention_heads=attention.heads, hidden_act=act, rope_theta=attention.theta,
-                  rotary_pct=rotary_pct(attention.rotary_dim, structure.width // attention.heads))
+                  partial_rotary_factor=rotary_fraction(attention.rotary_dim, structure.width // attention.heads))
     fields.update(overrides)
     config = FMBCConfig(**fields)
     recognised = Recognised(source=source, config=fields, code=code_note, attention=asdict(attention),

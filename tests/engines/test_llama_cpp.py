@@ -60,7 +60,7 @@ def llama(path: Path, **kwargs):
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("llama")
     made = {"parallel": make_config("tiny", block_style="parallel", attention_bias=True, mlp_bias=True,
-                                    rotary_pct=0.5),
+                                    partial_rotary_factor=0.5),
             "affine": make_config("tiny", input_mode="affine")}
     return {"default": DEFAULT, **{name: str(init_checkpoint(config, root / name, seed=1))
                                    for name, config in made.items()}}

@@ -37,9 +37,10 @@ def make_lora_adapter(checkpoint: str, out_dir: str | Path, seed: int, targets: 
 # The GPT-NeoX / Pythia and GPT-J parallel blocks as FMBC checkpoints: block style -> config fields over the
 # `tiny` preset.
 PARALLEL_BLOCK_STYLES = {
-    "parallel": {"block_style": "parallel", "attention_bias": True, "mlp_bias": True, "rotary_pct": 0.5},
+    "parallel": {"block_style": "parallel", "attention_bias": True, "mlp_bias": True,
+                 "partial_rotary_factor": 0.5},
     "parallel_shared_norm": {"block_style": "parallel_shared_norm", "mlp_bias": True, "lm_head_bias": True,
-                             "rotary_pct": 0.25, "hidden_act": "gelu_tanh"},
+                             "partial_rotary_factor": 0.25, "hidden_act": "gelu_tanh"},
 }
 
 

@@ -28,8 +28,8 @@ def test_defaults_are_the_paper_shape() -> None:
     ({"norm_type": "batchnorm"}, "norm_type"),
     ({"norm_eps": 0}, "norm_eps"),
     ({"hidden_act": "relu"}, "hidden_act"),
-    ({"rotary_pct": 0.0}, "rotary_pct"),
-    ({"rotary_pct": 0.03}, "rotary_pct"),  # 0.96 channels of a 32-wide head
+    ({"partial_rotary_factor": 0.0}, "partial_rotary_factor"),
+    ({"partial_rotary_factor": 0.03}, "partial_rotary_factor"),  # 0.96 channels of a 32-wide head
     ({"rope_theta": -1}, "rope_theta"),
     ({"num_attention_heads": 3}, "num_attention_heads"),
     ({"vocab_size": 1}, "vocab_size"),

@@ -39,7 +39,7 @@ def read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("block_style", ["sequential", "parallel"])
 def test_export_maps_every_tensor_and_key(mode: str, block_style: str, tmp_path: Path) -> None:
     config = make_config("tiny", input_mode=mode, block_style=block_style, attention_bias=block_style == "parallel",
-                         rotary_pct=0.5 if block_style == "parallel" else 1.0)
+                         partial_rotary_factor=0.5 if block_style == "parallel" else 1.0)
     checkpoint = init_checkpoint(config, tmp_path / "model", seed=3)
     summary = export_gguf(checkpoint, tmp_path / "model.gguf")
     fields, tensors = read(tmp_path / "model.gguf")

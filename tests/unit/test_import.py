@@ -34,7 +34,7 @@ def stock_neox(out: Path, vocab: int = 512, width: int = 72, dtype: torch.dtype 
 
     torch.manual_seed(0)
     config = GPTNeoXConfig(**{"vocab_size": vocab, "hidden_size": width, "num_hidden_layers": 2,
-                              "num_attention_heads": 4, "intermediate_size": 256, "rotary_pct": 0.5,
+                              "num_attention_heads": 4, "intermediate_size": 256, "partial_rotary_factor": 0.5,
                               "use_parallel_residual": False, "hidden_act": "gelu", "max_position_embeddings": 64,
                               "tie_word_embeddings": False, **config})
     model = GPTNeoXForCausalLM(config)

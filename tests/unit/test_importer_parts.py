@@ -15,7 +15,7 @@ from torch import nn
 
 from fmbc_serve.binary_code import BinaryCode, random_affine
 from fmbc_serve.configuration_fmbc import FMBCConfig
-from fmbc_serve.importer.attention import config_value, fit_theta, rotary_pct
+from fmbc_serve.importer.attention import config_value, fit_theta, rotary_fraction
 from fmbc_serve.importer.code import solve_code
 from fmbc_serve.importer.convert import Attention, complete, split_qkv
 from fmbc_serve.importer.errors import ImportRefused
@@ -143,8 +143,8 @@ def test_fit_theta_finds_the_shortest_base_that_fits(theta: float) -> None:
 
 
 @pytest.mark.parametrize(("rotary_dim", "head_dim"), [(8, 16), (10, 18), (6, 36), (2, 96), (64, 256)])
-def test_rotary_pct_gives_back_the_rotated_dims(rotary_dim: int, head_dim: int) -> None:
-    pct = rotary_pct(rotary_dim, head_dim)
+def test_partial_rotary_factor_gives_back_the_rotated_dims(rotary_dim: int, head_dim: int) -> None:
+    pct = rotary_fraction(rotary_dim, head_dim)
     assert int(head_dim * pct) == rotary_dim and 0 < pct <= 1
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from fmbc_serve import FMBCForCausalLM, versions
 from fmbc_serve.checkpoint import make_config
 from fmbc_serve.configuration_fmbc import TRANSFORMERS_TESTED, check_transformers
-from fmbc_serve.modeling_fmbc import CACHE_FIELD, causal_mask, embed_input
+from fmbc_serve.modeling_fmbc import CACHE_FIELD, embed_input
 from fmbc_serve.serve import DEFAULT_MODEL
 
 PROMPTS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116], [7]]
@@ -155,11 +155,10 @@ def test_each_block_style_computes_its_formula(parallel_block_checkpoints: dict[
         model = load(parallel_block_checkpoints[style])
     ids = torch.tensor([[5, 300, 7, 7, 511, 2]])
     rotary = model.model.rotary_emb(torch.arange(ids.shape[1]).unsqueeze(0))
-    mask = causal_mask(ids.shape[1], 0, None, ids.device)
     with torch.no_grad():
         x = model.config.binary_code().embed(ids)
         for layer in model.model.layers:
-            attn = layer.self_attn(layer.input_layernorm(x), rotary, mask, None)
+            attn = layer.self_attn(layer.input_layernorm(x), rotary, None, None)  # no mask: causal
             if style == "sequential":
                 x = x + attn
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -173,40 +172,78 @@ def test_each_block_style_computes_its_formula(parallel_block_checkpoints: dict[
                for layer in model.model.layers)
 
 
-def test_cache_is_taken_under_either_name(tiny_checkpoints: dict[str, str]) -> None:
-    """transformers 5.24 passes the KV cache as `cache`, older releases as `past_key_values`: a cache handed over
-    under either name is used (continuing from it equals a full forward), and both at once is refused."""
+def test_cache_is_taken_under_this_releases_name(tiny_checkpoints: dict[str, str]) -> None:
+    """transformers 5.24 passes the KV cache as `cache` (and still takes `past_key_values`), older releases as
+    `past_key_values` (their `cache` is continuous batching's, for the attention function): a cache handed over
+    under such a name is used (continuing from it equals a full forward), and both at once is refused."""
     model = load(tiny_checkpoints["binary"])
     ids = torch.tensor([PROMPTS[1]])
+    names = ("cache", "past_key_values") if CACHE_FIELD == "cache" else ("past_key_values",)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits[0, -1]
-        for name in ("cache", "past_key_values"):
+        for name in names:
             prefix = model(ids[:, :-1], use_cache=True)
             step = model(ids[:, -1:], use_cache=True, **{name: getattr(prefix, CACHE_FIELD)})
             torch.testing.assert_close(step.logits[0, -1], full, rtol=1e-5, atol=1e-5)
-        cache = model(ids[:, :-1], use_cache=True)[CACHE_FIELD]
-        with pytest.raises(ValueError, match="not both"):
-            model(ids[:, -1:], cache=cache, past_key_values=cache)
+        if CACHE_FIELD == "cache":
+            cache = model(ids[:, :-1], use_cache=True)[CACHE_FIELD]
+            with pytest.raises(ValueError, match="not both"):
+                model(ids[:, -1:], cache=cache, past_key_values=cache)
 
 
-def test_unknown_forward_arguments_fail_loudly(tiny_checkpoints: dict[str, str]) -> None:
-    """A keyword the model does not know (what a renamed transformers argument looks like) is an error, never
-    dropped: that is how 5.24's `cache` silently changed every continuation."""
-    model = load(tiny_checkpoints["binary"])
-    with pytest.raises(TypeError, match="output_attentions"):
-        model(torch.tensor([PROMPTS[0]]), output_attentions=True)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_each_attention_implementation_gives_the_same_answers(tiny_checkpoints: dict[str, str],
+                                                              parallel_block_checkpoints: dict[str, str],
+                                                              implementation: str) -> None:
+    """transformers' attention interface: eager and sdpa agree on logits and on left-padded batched generation,
+    for the sequential and the parallel block."""
+    for path in (tiny_checkpoints["binary"], parallel_block_checkpoints["parallel"]):
+        model = FMBCForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=implementation).eval()
+        reference = load(path)
+        assert model.config._attn_implementation == implementation
+        ids = torch.tensor([PROMPTS[1]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+        batch = torch.tensor([[0] * 6 + PROMPTS[0], PROMPTS[1]])
+        mask = torch.tensor([[0] * 6 + [1] * 5, [1] * 11])
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        for row, prompt in zip(out, PROMPTS[:2], strict=True):
+            assert row[-5:].tolist() == greedy_without_cache(reference, prompt, 5)
+
+
+def test_attention_kwargs_reach_a_registered_attention_function(tiny_checkpoints: dict[str, str]) -> None:
+    """What the engines' Transformers backends rely on: the model computes attention with the function registered
+    under config._attn_implementation, which receives the module (its layer_idx and scaling) and the keyword
+    arguments the caller passed to the model."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording_attention(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, module.scaling, kwargs.get("engine_step")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("fmbc_test_recording", recording_attention)
+    model = FMBCForCausalLM.from_pretrained(tiny_checkpoints["binary"], dtype=torch.float32,
+                                            attn_implementation="fmbc_test_recording").eval()
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        logits = model(ids, use_cache=False, engine_step=7).logits
+        torch.testing.assert_close(logits, load(tiny_checkpoints["binary"])(ids).logits, rtol=1e-5, atol=1e-5)
+    assert seen == [(i, model.config.head_dim**-0.5, 7) for i in range(model.config.num_hidden_layers)]
 
 
 def test_cache_name_shim_is_still_needed() -> None:
-    """`one_cache` and CACHE_FIELD exist for transformers releases before 5.24 (`past_key_values`): once the oldest
-    supported release is 5.24 or newer, this fails so that the shim is removed."""
+    """`kv_cache`, `update_cache` and CACHE_FIELD exist for transformers releases before 5.24 (`past_key_values`):
+    once the oldest supported release is 5.24 or newer, this fails so that the shim is removed."""
     oldest = versions.CORE_RANGES["transformers"][0]
     assert versions.release(oldest) < (5, 24), f"oldest supported transformers is {oldest}: drop the cache-name shim"
 
 
 def test_remote_code_refuses_an_older_transformers() -> None:
     check_transformers(TRANSFORMERS_TESTED[0])
-    check_transformers("9.0.0")  # newer is not refused: strict signatures catch renamed arguments
+    check_transformers("9.0.0")  # newer is not refused
     with pytest.raises(ImportError, match=r"needs transformers >= 5\.16\.1 \(tested 5\.16\.1 to 5\.24\.0\); this "
                                           r"environment has transformers 4\.57\.6"):
         check_transformers("4.57.6")

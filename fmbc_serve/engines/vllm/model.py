@@ -77,7 +77,7 @@ class FMBCAttention(nn.Module):
             max_position=config.max_position_embeddings,
             is_neox_style=True,
             rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta,
-                             "partial_rotary_factor": config.rotary_pct},
+                             "partial_rotary_factor": config.partial_rotary_factor},
         )
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn")
