@@ -318,6 +318,8 @@ class FixedCodeInput(nn.Module):
     def __init__(self, code: BinaryCode) -> None:
         super().__init__()
         self.code = code
+        # The shape of the table this stands for, under nn.Embedding's names (engines' Transformers backends read them).
+        self.num_embeddings, self.embedding_dim = code.vocab_size, code.width
         for name, table in code.tables()._asdict().items():
             self.register_buffer(name, table, persistent=False)
 
