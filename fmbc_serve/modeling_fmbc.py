@@ -212,8 +212,10 @@ class FMBCAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, cache: Cache | None,
+                attention_mask: torch.Tensor | None, past_key_values: Cache | None,
                 **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """`past_key_values` is the model's KV cache under whichever name the release uses (kv_cache); before 5.24 a
+        `cache` in kwargs is continuous batching's, for the attention function."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)  # -1: the heads of this tensor-parallel rank
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -221,8 +223,8 @@ class FMBCAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if cache is not None:
-            key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
+        if past_key_values is not None:
+            key, value = update_cache(past_key_values, key, value, self.layer_idx, kwargs)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
         attn_output, _ = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling,
@@ -257,13 +259,14 @@ class FMBCDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
-                cache: Cache | None, **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor]:
+                past_key_values: Cache | None, **kwargs: Unpack[TransformersKwargs]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer 0 receives the input stage's pair (its normalised input and the stream), so it skips the
         add-then-normalise step. A parallel block returns attention + MLP as its output and leaves the stream as it
         came in: the next block (or the final norm) adds both at once, x + attn(ln1(x)) + mlp(ln2(x))."""
         if self.layer_idx > 0:
             hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
-        attn_output = self.self_attn(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        attn_output = self.self_attn(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         if self.block_style == "sequential":
             hidden_states, residual = add_norm(self.post_attention_layernorm, attn_output, residual)
             return self.mlp(hidden_states), residual
