@@ -4,6 +4,8 @@ architecture, and a second server of itself (the noise floor).
     python scripts/serving_benchmark.py                        # CPU: the embedded model's shape, float32
     python scripts/serving_benchmark.py --tensor-parallel-size 2 --models learned fmbc fmbc-again \\
         --out docs/serving-benchmark-tp2                       # the same under tensor parallelism (one core per rank)
+    python scripts/serving_benchmark.py --engines vllm --models fmbc fmbc-transformers fmbc-again \
+        --concurrency 1 4 --out docs/serving-benchmark-transformers-backend   # the plugin against the backend
     python scripts/serving_benchmark.py --shape gpu --quick    # the paper's shape: load time, memory, tokens/s
     python scripts/serving_benchmark.py --shape gpu            # GPU: the paper's shape, bfloat16
 
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 from fmbc_serve.devtools.servers import free_port, running_server
-from fmbc_serve.devtools.serving_benchmark.checkpoints import MODELS, SHAPES, write_checkpoints
+from fmbc_serve.devtools.serving_benchmark.checkpoints import MODELS, SHAPES, TRANSFORMERS_BACKEND, write_checkpoints
 from fmbc_serve.devtools.serving_benchmark.client import BenchClient, client_args, read_result
 from fmbc_serve.devtools.serving_benchmark.commands import server_command
 from fmbc_serve.devtools.serving_benchmark.memory import MemoryWatch
@@ -99,7 +101,7 @@ def start_server(stack: contextlib.ExitStack, engine: str, python: str, checkpoi
     port = free_port()
     dims, _ = SHAPES[args.shape]
     command, env = server_command(engine, python, checkpoint, port, dims["max_position_embeddings"],
-                                  args.tensor_parallel_size, servers_at_once)
+                                  args.tensor_parallel_size, servers_at_once, model == TRANSFORMERS_BACKEND)
     print(f"[{engine}/{model}] starting: {' '.join(command)}", flush=True)
     begin = time.monotonic()
     url = stack.enter_context(running_server(command, port, work / f"{engine}-{model}.log", env=env,
@@ -156,7 +158,7 @@ def parse_args() -> argparse.Namespace:
                         help="check that the shape serves: servers one at a time, a few prompts at 1 and 4 clients, "
                              "one round; load time, peak memory, tokens/s (no ratios)")
     parser.add_argument("--engines", nargs="+", choices=["vllm", "sglang"], default=["vllm", "sglang"])
-    parser.add_argument("--models", nargs="+", choices=MODELS,
+    parser.add_argument("--models", nargs="+", choices=[*MODELS, TRANSFORMERS_BACKEND],
                         help=f"in round order (default {' '.join(MODELS)}; --quick: fmbc learned)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="ranks per server (on CPU one core each; SGLang's --tp-size)")

@@ -13,8 +13,11 @@ from ...tokenizer import build_char_tokenizer
 
 # The default round order puts FMBC next to its twin and next to its second server.
 MODELS = ("learned", "fmbc", "fmbc-again", "stock")
-# The noise floor: a second server of the very same checkpoint.
-SAME_CHECKPOINT = {"fmbc-again": "fmbc"}
+# The FMBC checkpoint on the engine's Transformers backend, without our plugin (what the plugin gains); not in the
+# default rounds: `--models fmbc fmbc-transformers fmbc-again`.
+TRANSFORMERS_BACKEND = "fmbc-transformers"
+# The noise floor (a second server of the very same checkpoint), and the backend's server of it.
+SAME_CHECKPOINT = {"fmbc-again": "fmbc", TRANSFORMERS_BACKEND: "fmbc"}
 DIMENSIONS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "max_position_embeddings")
 

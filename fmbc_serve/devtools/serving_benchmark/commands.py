@@ -8,12 +8,18 @@ from ...engines import runner
 
 
 def server_command(engine: str, python: str, checkpoint: str, port: int, context: int, tensor_parallel: int,
-                   servers_at_once: int) -> tuple[list[str], dict[str, str]]:
+                   servers_at_once: int, transformers_backend: bool = False) -> tuple[list[str], dict[str, str]]:
     """The engine's OpenAI server command for one model (as `fmbc serve` starts it), with what this benchmark
     needs: float32 and the shape's context on CPU, a share of the GPU each when several servers run at once,
-    tensor parallelism with one core per rank on CPU."""
+    tensor parallelism with one core per rank on CPU. With `transformers_backend`, the engine's stock server on its
+    Transformers backend instead, our plugin filtered out: the checkpoint folder's own code."""
     cuda = torch.cuda.is_available()
     command, env = runner(engine).server_command(checkpoint, "127.0.0.1", port, "fmbc", cuda, python=python)
+    if transformers_backend:
+        if engine == "vllm":  # vLLM's own server module in place of our launcher (`vllm serve MODEL`)
+            command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, *command[5:]]
+        command += ["--model-impl", "transformers", "--trust-remote-code"]
+        env |= {"VLLM_PLUGINS": "none", "SGLANG_PLUGINS": "none"}
     if engine == "vllm":
         if not cuda:
             command += ["--dtype", "float32", "--max-model-len", str(context)]

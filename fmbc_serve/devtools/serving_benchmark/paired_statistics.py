@@ -8,7 +8,7 @@ import statistics
 from .client import METRICS
 
 # The ratios the benchmark reports: FMBC against its learned twin, a stock architecture, and itself.
-PAIRS = (("fmbc", "learned"), ("fmbc", "stock"), ("fmbc", "fmbc-again"))
+PAIRS = (("fmbc", "learned"), ("fmbc", "stock"), ("fmbc", "fmbc-transformers"), ("fmbc", "fmbc-again"))
 NOISE_FLOOR = "fmbc/fmbc-again"
 
 
