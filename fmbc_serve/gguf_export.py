@@ -54,12 +54,13 @@ def refusals(config: FMBCConfig) -> list[str]:
 class Vocabulary:
     """What llama.cpp needs to tokenize like the checkpoint's tokenizer."""
 
-    model: str  # llama.cpp's tokenizer type: "t5" (unigram, sentencepiece-style) or "gpt2" (byte-level BPE)
+    model: str  # llama.cpp's tokenizer type: "t5" (unigram), "gpt2" (byte-level BPE), "llama" (sentencepiece BPE)
     tokens: list[str]
     types: list[int]
     scores: list[float] | None = None
     merges: list[str] | None = None
     pre: str | None = None
+    add_space_prefix: bool = False
     note: str = ""
 
 
@@ -96,12 +97,52 @@ def bpe_vocabulary(tokenizer, spec: dict) -> Vocabulary:
     if [s.get("type") for s in steps] != ["ByteLevel"] or not steps[0].get("use_regex", True) \
             or steps[0].get("add_prefix_space"):
         raise ExportRefused(f"tokenizer: a BPE whose pre-tokenizer is {pre.get('type')!r} with {steps}: llama.cpp's "
-                            "gpt2 tokenizer splits text with GPT-2's byte-level regex only")
+                            "tokenizers split text as GPT-2's byte-level BPE or as sentencepiece (spaces as ▁) only")
     specials = set(tokenizer.all_special_tokens) | {t["content"] for t in spec.get("added_tokens", [])}
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     types = [int(gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL) for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return Vocabulary("gpt2", tokens, types, merges=merges, pre="gpt-2")
+
+
+def space_prefix(spec: dict) -> bool | None:
+    """Whether a sentencepiece-style tokenizer.json puts "▁" before the text, as llama.cpp's SPM tokenizer
+    can (True/False), or None if its text handling is not "spaces become ▁" (a Metaspace pre-tokenizer without
+    splitting, or the older Prepend + Replace normalizer)."""
+    pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
+    if pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE and not pre.get("split") \
+            and normalizer is None:
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = (normalizer or {}).get("normalizers", [])
+    escapes = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
+    if pre is None and escapes in steps and all(step in (escapes, {"type": "Prepend", "prepend": SPM_SPACE})
+                                                for step in steps):
+        return {"type": "Prepend", "prepend": SPM_SPACE} in steps
+    return None
+
+
+def sentencepiece_vocabulary(tokenizer, spec: dict, add_space_prefix: bool) -> Vocabulary:
+    """A sentencepiece BPE (tokenizer.json as transformers converts one: BPE over text whose spaces are "▁",
+    byte fallback) as llama.cpp's SPM tokenizer, as llama.cpp's converter writes Llama's: the same pieces, scored
+    in vocabulary order (a sentencepiece BPE numbers its pieces by merge priority, and llama.cpp's SPM merges the
+    pair whose piece scores highest), the 256 byte pieces as bytes. Without byte pieces llama.cpp aborts on a
+    character outside the vocabulary: refused."""
+    import gguf
+
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte_pieces = {f"<0x{byte:02X}>" for byte in range(256)}
+    if not spec["model"].get("byte_fallback") or not byte_pieces <= set(tokens):
+        raise ExportRefused("tokenizer: a sentencepiece BPE without byte fallback (the 256 <0xXX> pieces): "
+                            "llama.cpp's SPM tokenizer aborts on a character outside such a vocabulary")
+    specials = set(tokenizer.all_special_tokens) | {t["content"] for t in spec.get("added_tokens", [])}
+    types, scores = [], []
+    for i, text in enumerate(tokens):
+        kind = (gguf.TokenType.UNKNOWN if text == tokenizer.unk_token else gguf.TokenType.CONTROL if text in specials
+                else gguf.TokenType.BYTE if text in byte_pieces else gguf.TokenType.NORMAL)
+        types.append(int(kind))
+        scores.append(-float(i) if kind == gguf.TokenType.NORMAL else 0.0)
+    return Vocabulary("llama", tokens, types, scores=scores, add_space_prefix=add_space_prefix,
+                      note="sentencepiece BPE as llama.cpp's SPM tokenizer")
 
 
 def vocabulary(checkpoint_dir: Path) -> tuple[Vocabulary, object]:
@@ -116,9 +157,12 @@ def vocabulary(checkpoint_dir: Path) -> tuple[Vocabulary, object]:
     if model == "WordLevel" and pre.get("type") == "Split" and pre.get("pattern", {}).get("Regex") == r"[\s\S]":
         return char_vocabulary(tokenizer), tokenizer
     if model == "BPE":
-        return bpe_vocabulary(tokenizer, spec), tokenizer
+        prefix = space_prefix(spec)
+        vocab = bpe_vocabulary(tokenizer, spec) if prefix is None else sentencepiece_vocabulary(tokenizer, spec, prefix)
+        return vocab, tokenizer
     raise ExportRefused(f"tokenizer: {model or 'no tokenizer.json'} is not a tokenizer this exporter writes for "
-                        "llama.cpp (it writes fmbc-serve's character tokenizer and byte-level BPE)")
+                        "llama.cpp (it writes fmbc-serve's character tokenizer, byte-level BPE and sentencepiece "
+                        "BPE)")
 
 
 def gguf_tensors(model: torch.nn.Module, config: FMBCConfig) -> dict[str, torch.Tensor]:
@@ -223,8 +267,8 @@ def export_gguf(checkpoint_dir: str | Path, out_file: str | Path, outtype: str =
             getattr(writer, f"add_{role}_token_id")(token_id)
     writer.add_add_bos_token(False)  # our tokenizers add no special tokens to a prompt
     writer.add_add_eos_token(False)
-    if vocab.model == "t5":
-        writer.add_add_space_prefix(False)
+    if vocab.model in ("t5", "llama"):
+        writer.add_add_space_prefix(vocab.add_space_prefix)
         writer.add_remove_extra_whitespaces(False)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)

@@ -7,6 +7,7 @@ answering the card's curl and the OpenAI SDK. Run with `pytest -s` to see the fi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -20,8 +21,11 @@ import torch
 from support.engines import require
 
 from fmbc_serve.checkpoint import init_checkpoint, make_config
+from fmbc_serve.devtools.foreign import write_foreign
+from fmbc_serve.devtools.llama_server import without_extra_buffers
 from fmbc_serve.devtools.servers import free_port
-from fmbc_serve.gguf_export import export_gguf
+from fmbc_serve.gguf_export import SPM_SPACE, export_gguf
+from fmbc_serve.importer import import_checkpoint
 from fmbc_serve.parity import load_reference
 from fmbc_serve.tolerances import LLAMA_CPP_LOGPROB
 
@@ -36,24 +40,10 @@ TEXTS = ["Hello, world!", "Question: What is 2+2?\nAnswer: 4", "  two  spaces\t\
 
 
 def llama(path: Path, **kwargs):
-    """llama.cpp's model for PATH with its CPU extra buffer types (weight repacking) off: with them on,
-    llama-cpp-python 0.3.36 segfaults on this machine's first q8_0 matmul (f32 and f16 run either way), and
-    `Llama` has no argument for it, so the default model parameters it starts from are changed."""
+    """llama.cpp's model for PATH, weight repacking off (fmbc_serve.devtools.llama_server says why)."""
     llama_cpp = require("llama_cpp")
-    from llama_cpp import llama as llama_module
-
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
-    try:
+    with without_extra_buffers():
         return llama_cpp.Llama(str(path), verbose=False, n_threads=2, **kwargs)
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +52,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     made = {"parallel": make_config("tiny", block_style="parallel", attention_bias=True, mlp_bias=True,
                                     partial_rotary_factor=0.5),
             "affine": make_config("tiny", input_mode="affine")}
-    return {"default": DEFAULT, **{name: str(init_checkpoint(config, root / name, seed=1))
-                                   for name, config in made.items()}}
+    # An imported checkpoint whose tokenizer shipped as a sentencepiece model with byte fallback, as Llama's.
+    src = write_foreign("pythia", root / "sentencepiece-source", tokenizer="sentencepiece-bytes", vocab_size=512,
+                        hidden_size=72, num_attention_heads=3)
+    import_checkpoint(src, root / "sentencepiece", trust_remote_code=True, progress=False)
+    return {"default": DEFAULT, "sentencepiece": str(root / "sentencepiece"),
+            **{name: str(init_checkpoint(config, root / name, seed=1)) for name, config in made.items()}}
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -71,7 +65,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("name", ["default", "parallel", "affine"])
+@pytest.mark.parametrize("name", ["default", "parallel", "affine", "sentencepiece"])
 def test_llama_cpp_matches_the_reference(name: str, checkpoints: dict[str, str], tmp_path: Path) -> None:
     """For each outtype: llama.cpp's own greedy continuation of a prompt, then its logits over prompt and
     continuation at once, against the reference's on the same tokens."""
@@ -104,18 +98,44 @@ def test_llama_cpp_matches_the_reference(name: str, checkpoints: dict[str, str],
         assert equal and delta <= LLAMA_CPP_LOGPROB, (outtype, rows)
 
 
-@pytest.mark.parametrize("name", ["default", "parallel"])
+def space_prefix_differs(text: str) -> bool:
+    """Where llama.cpp's SPM tokenizer and transformers' sentencepiece BPE part (docs/without-plugin.md): a text
+    that begins with a space (or U+2581), and text that follows a special token."""
+    return text[:1] in (" ", "\t", "\n", SPM_SPACE) or re.search(r"</?s>.", text) is not None
+
+
+@pytest.mark.parametrize("name", ["default", "parallel", "sentencepiece"])
 def test_llama_cpp_tokenizes_as_ours(name: str, checkpoints: dict[str, str], tmp_path: Path) -> None:
-    """The byte-level BPE (default) and the character tokenizer (parallel) give llama.cpp the same ids as
-    transformers on every text (special tokens in text parsed, as transformers does)."""
+    """The byte-level BPE (default), the character tokenizer (parallel) and an imported sentencepiece BPE give
+    llama.cpp the same ids as transformers on every text (special tokens in text parsed, as transformers does),
+    but for the sentencepiece differences tested below."""
     from transformers import AutoTokenizer
 
     checkpoint = checkpoints[name]
     path = Path(export_gguf(checkpoint, tmp_path / "model.gguf")["file"])
     tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), llama(path, vocab_only=True)
-    for text in TEXTS:
+    texts = [text for text in TEXTS if name != "sentencepiece" or not space_prefix_differs(text)]
+    assert len(texts) >= 7
+    for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(
             text, add_special_tokens=False), text
+
+
+def test_sentencepiece_differences_are_the_documented_ones(checkpoints: dict[str, str], tmp_path: Path) -> None:
+    """llama.cpp's SPM tokenizer puts "▁" before every run of text, transformers' sentencepiece BPE (prepend
+    scheme "first") only before a text that does not begin with one: llama.cpp has one "▁" more at the start of
+    " x" and after a special token."""
+    from transformers import AutoTokenizer
+
+    checkpoint = checkpoints["sentencepiece"]
+    path = Path(export_gguf(checkpoint, tmp_path / "model.gguf")["file"])
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), llama(path, vocab_only=True)
+    space = tokenizer.convert_tokens_to_ids(SPM_SPACE)
+    ours = tokenizer.encode(" x", add_special_tokens=False)
+    assert llm.tokenize(b" x", add_bos=False, special=True) == [space, *ours]
+    hi, bos = tokenizer.encode("hi", add_special_tokens=False), tokenizer.bos_token_id
+    assert hi[0] == space and tokenizer.encode("hi<s>hi", add_special_tokens=False) == [*hi, bos, *hi[1:]]
+    assert llm.tokenize(b"hi<s>hi", add_bos=False, special=True) == [*hi, bos, *hi]
 
 
 def test_character_vocabulary_differences_are_the_documented_ones(checkpoints: dict[str, str],

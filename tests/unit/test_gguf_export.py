@@ -18,7 +18,9 @@ gguf = pytest.importorskip("gguf")
 from fmbc_serve.checkpoint import init_checkpoint, make_config, save_checkpoint  # noqa: E402
 from fmbc_serve.cli import main  # noqa: E402
 from fmbc_serve.configuration_fmbc import INPUT_MODES  # noqa: E402
+from fmbc_serve.devtools.foreign import write_foreign  # noqa: E402
 from fmbc_serve.gguf_export import SPM_SPACE, ExportRefused, export_gguf  # noqa: E402
+from fmbc_serve.importer import import_checkpoint  # noqa: E402
 from fmbc_serve.modeling_fmbc import FMBCForCausalLM  # noqa: E402
 from fmbc_serve.parity import load_reference  # noqa: E402
 from fmbc_serve.tokenizer import train_bpe_tokenizer  # noqa: E402
@@ -107,6 +109,39 @@ def test_byte_level_bpe_is_written_with_its_merges(tmp_path: Path) -> None:
     vocab = tokenizer.get_vocab()
     assert [vocab[t] for t in fields["tokenizer.ggml.tokens"]] == list(range(512))
     assert len(fields["tokenizer.ggml.merges"]) == 512 - 4 - 256
+
+
+def imported_with_sentencepiece(tmp_path: Path, tokenizer: str) -> Path:
+    """A foreign checkpoint whose tokenizer ships as a sentencepiece model alone, imported."""
+    src = write_foreign("pythia", tmp_path / "src", tokenizer=tokenizer, vocab_size=512, hidden_size=72,
+                        num_attention_heads=3)  # 9 bits lift to 72; head size 24, a quarter of it rotary
+    import_checkpoint(src, tmp_path / "model", trust_remote_code=True, progress=False)
+    return tmp_path / "model"
+
+
+def test_sentencepiece_bpe_is_written_as_llama_cpp_spm(tmp_path: Path) -> None:
+    """The imported sentencepiece BPE (byte fallback, as Llama's): llama.cpp's "llama" tokenizer with the same
+    pieces, scored in vocabulary order, byte pieces typed as bytes, the space prefix as transformers adds it."""
+    from transformers import AutoTokenizer
+
+    checkpoint = imported_with_sentencepiece(tmp_path, "sentencepiece-bytes")
+    fields = read(Path(export_gguf(checkpoint, tmp_path / "model.gguf")["file"]))[0]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert fields["tokenizer.ggml.model"] == "llama" and tokens == tokenizer.convert_ids_to_tokens(list(range(512)))
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[tokenizer.unk_token_id] == 2
+    assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+    normal = [i for i, kind in enumerate(types) if kind == gguf.TokenType.NORMAL]
+    scores = fields["tokenizer.ggml.scores"]
+    assert [scores[i] for i in normal] == sorted((scores[i] for i in normal), reverse=True)
+    assert fields["tokenizer.ggml.add_space_prefix"] is True and fields["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_sentencepiece_without_byte_fallback_is_refused(tmp_path: Path) -> None:
+    checkpoint = imported_with_sentencepiece(tmp_path, "sentencepiece")
+    with pytest.raises(ExportRefused, match="without byte fallback"):
+        export_gguf(checkpoint, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [

@@ -26,8 +26,9 @@ STYLES = {
     "gptj": ("gptj_style", "gptj_fmbc", "configuration_gptj.GPTJFMBCConfig", "modeling_gptj.GPTJFMBCForCausalLM"),
 }
 WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
-# How the tokenizer ships: a character tokenizer.json, a sentencepiece tokenizer.model alone, or code of its own.
-TOKENIZERS = ("char", "sentencepiece", "own-code")
+# How the tokenizer ships: a character tokenizer.json, a sentencepiece tokenizer.model alone (without or, as Llama's,
+# with byte-fallback pieces), or code of its own.
+TOKENIZERS = ("char", "sentencepiece", "sentencepiece-bytes", "own-code")
 
 
 def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = True, weights: str = "safetensors",
@@ -53,8 +54,8 @@ def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = Tr
         for path in out.glob("model*.safetensors"):
             path.unlink()
         torch.save(model.state_dict(), out / "pytorch_model.bin")
-    if tokenizer == "sentencepiece":
-        write_sentencepiece_tokenizer(out, config.vocab_size)
+    if tokenizer.startswith("sentencepiece"):
+        write_sentencepiece_tokenizer(out, config.vocab_size, byte_fallback=tokenizer == "sentencepiece-bytes")
         return str(out)
     char_tokenizer = build_char_tokenizer(config.vocab_size)
     if not chat_template:
@@ -69,16 +70,17 @@ def write_foreign(style: str, out: Path, seed: int = 0, chat_template: bool = Tr
     return str(out)
 
 
-def write_sentencepiece_tokenizer(out: Path, vocab_size: int) -> None:
+def write_sentencepiece_tokenizer(out: Path, vocab_size: int, byte_fallback: bool = False) -> None:
     """A Llama-style tokenizer of exactly `vocab_size` pieces that ships as a sentencepiece `tokenizer.model` only
     (no tokenizer.json), trained here on the styles' own source files, which travel with this module wherever it
-    is installed (BPE on one thread: deterministic)."""
+    is installed (BPE on one thread: deterministic). With `byte_fallback`, 256 of the pieces are bytes
+    (`<0x00>`...), as in Llama's tokenizer: a character outside the vocabulary becomes its UTF-8 bytes."""
     import sentencepiece
 
     text = "\n".join(path.read_text() for path in sorted(FOREIGN.glob("*/*.py")))
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, num_threads=1, byte_fallback=False,
+        model_type="bpe", character_coverage=1.0, num_threads=1, byte_fallback=byte_fallback,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     (out / "tokenizer.vocab").unlink()
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
