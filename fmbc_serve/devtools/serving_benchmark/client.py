@@ -112,10 +112,12 @@ class BenchClient:
 
 
 def client_args(engine: str, url: str, checkpoint: str, concurrency: int, prompts: int, seed: int, input_len: int,
-                output_len: int, result: Path) -> list[str]:
-    """The engine's own client's arguments: random token ids, fixed lengths, EOS ignored, results to `result`."""
+                output_len: int, result: Path, extra_body: dict | None = None) -> list[str]:
+    """The engine's own client's arguments: random token ids, fixed lengths, EOS ignored, results to `result`;
+    `extra_body` (vLLM's client) goes into every request as it is."""
     if engine == "vllm":
-        return ["--backend", "vllm", "--base-url", url, "--model", "fmbc", "--tokenizer", checkpoint,
+        extra = ["--extra-body", json.dumps(extra_body)] if extra_body else []
+        return [*extra, "--backend", "vllm", "--base-url", url, "--model", "fmbc", "--tokenizer", checkpoint,
                 "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len",
                 str(output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
                 "--ignore-eos", "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--seed",

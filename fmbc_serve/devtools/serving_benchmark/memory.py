@@ -47,8 +47,13 @@ class MemoryWatch:
         """The process tree's PSS now (call it between measurements)."""
         return self._sum("smaps_rollup", "Pss:").get(name, 0) / 2**20
 
+    def threads(self, name: str) -> int:
+        """Threads of `name`'s processes still alive: 0 once a stopped server's whole tree has exited."""
+        return self._sum("status", "Threads:").get(name, 0)
+
     def _sum(self, file: str, field: str) -> dict[str, int]:
-        """KiB of `field` in /proc/PID/`file`, summed over each watched session's processes."""
+        """The number after `field` in /proc/PID/`file` (KiB for memory), summed over each watched session's
+        processes."""
         with self._lock:
             sessions = dict(self.sessions)
         totals = dict.fromkeys(sessions.values(), 0)
